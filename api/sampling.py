@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pdserve.api.errors import InvalidRequest
@@ -33,7 +33,6 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1)
@@ -54,8 +53,6 @@ class SamplingParams:
             raise InvalidRequest("ignore_eos", "must be a boolean")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=20)
-        if self.extra:
-            raise InvalidRequest(next(iter(self.extra)), "unknown sampling field")
 
     @property
     def greedy(self) -> bool:
@@ -72,7 +69,7 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SamplingParams:
         """Build from a plain mapping, naming the first unknown key as an error."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in values if k not in known]
         if unknown:
             raise InvalidRequest(unknown[0], "unknown sampling field")
@@ -87,7 +84,6 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out.pop("extra")
         out["stop"] = list(self.stop)
         out["stop_token_ids"] = list(self.stop_token_ids)
         return out
