@@ -1,0 +1,47 @@
+"""Dispatch between Triton and the torch references, and lazy ``@triton.jit``.
+
+Triton reads ``TRITON_INTERPRET`` when a function is decorated, and the engine imports this
+package long before a test may set that variable. ``lazy_jit`` therefore defers decoration
+to the first launch, and ``import pdserve.kernels`` also works where triton cannot import.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+__all__ = ["lazy_jit", "next_pow2", "tl", "triton", "use_triton"]
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ``t`` lives on CUDA, or when ``PDSERVE_TRITON=1`` forces Triton on CPU."""
+    return t.is_cuda or os.environ.get("PDSERVE_TRITON") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class lazy_jit:  # noqa: N801 - used as a decorator, like triton.jit
+    """``triton.jit`` applied at the first launch instead of at import."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._jitted: Any = None
+
+    def __getitem__(self, grid: Any) -> Any:
+        if self._jitted is None:
+            if triton is None:
+                raise RuntimeError(f"{self.fn.__name__} needs triton, which failed to import")
+            self._jitted = triton.jit(self.fn)
+        return self._jitted[grid]
