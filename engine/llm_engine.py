@@ -1,0 +1,161 @@
+"""The engine: add requests, call `step()` until they finish.
+
+A step is three calls, as in nano-vllm: schedule, run the model once over the ragged batch,
+sample and update the sequences.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+from pdserve.api.errors import InvalidRequest
+from pdserve.api.sampling import SamplingParams
+from pdserve.engine.config import EngineConfig, ModelConfig
+from pdserve.engine.kv_pool import BlockPool, allocate_kv_cache, blocks_for_memory
+from pdserve.engine.model import CausalLM
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.parallel import SINGLE, TensorParallel
+from pdserve.engine.sampler import sample
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sequence import Sequence, Status, TokenLogprobs
+from pdserve.engine.weights import iter_weights
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: TokenLogprobs | None = None
+
+
+def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
+    if name == "auto":
+        name = model_config.dtype if model_config.dtype in _TORCH_DTYPES else "float32"
+    return _TORCH_DTYPES[name]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tp: TensorParallel = SINGLE) -> None:
+        self.config = config
+        self.model_config = mc = ModelConfig.from_model_dir(config.model)
+        self.dtype = resolve_dtype(config.dtype, mc)
+        self.device = torch.device(config.device)
+        self.model = CausalLM(mc, self.dtype, self.device, tp)
+        self.model.load_weights(iter_weights(mc.path))
+        kv_heads = self.model.num_kv_heads
+        num_blocks = config.num_blocks or blocks_for_memory(
+            config.kv_memory_gb * 2**30, mc.num_layers, kv_heads, config.block_size,
+            mc.head_dim, self.dtype,
+        )
+        self.kv_cache = allocate_kv_cache(
+            mc.num_layers, num_blocks, kv_heads, config.block_size, mc.head_dim, self.dtype,
+            self.device,
+        )
+        self.pool = BlockPool(num_blocks)
+        # NOTE: a lone sequence must always fit the pool, or preemption could never free room.
+        self.max_model_len = min(
+            config.max_model_len or mc.max_position_embeddings,
+            mc.max_position_embeddings,
+            num_blocks * config.block_size,
+        )
+        self.scheduler = Scheduler(
+            self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size)
+        self.eos_token_ids = frozenset(mc.eos_token_ids)
+        self._seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        logger.info("engine ready: %s, %s, %d KV blocks of %d tokens", mc.architecture,
+                    self.dtype, num_blocks, config.block_size)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        output_token_ids: Seq[int] = (),
+    ) -> None:
+        """Queues a request. `output_token_ids` resumes one that already produced tokens: they
+        count towards `max_tokens` and penalties as output, and decoding continues after them."""
+        if request_id in self._seqs:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+        self.validate_prompt(prompt_token_ids, "prompt_token_ids")
+        self.validate_prompt(output_token_ids, "output_token_ids", allow_empty=True)
+        tokens = list(prompt_token_ids) + list(output_token_ids)
+        if len(tokens) >= self.max_model_len:
+            raise InvalidRequest(
+                "prompt", f"{len(tokens)} tokens do not fit the context of {self.max_model_len}"
+            )
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(request_id, tokens, len(prompt_token_ids), params, seed,
+                       next(self._arrivals))
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def validate_prompt(self, ids: Seq[int], field: str, allow_empty: bool = False) -> None:
+        if not ids and not allow_empty:
+            raise InvalidRequest(field, "prompt is empty")
+        vocab = self.model_config.vocab_size
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidRequest(f"{field}[{i}]", f"token id {t!r} is outside [0, {vocab})")
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request at whatever stage it is and frees its blocks. False if unknown."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StepOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits = self.runner.run(scheduled)
+        samplers = [s.seq for s in scheduled if s.samples]
+        tokens, logprobs = sample(logits, samplers) if samplers else ([], [])
+        for item in scheduled:
+            item.seq.num_computed += item.num_tokens
+        outputs = []
+        for seq, token, lp in zip(samplers, tokens, logprobs):
+            seq.token_ids.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self._seqs[seq.request_id]
+            outputs.append(StepOutput(seq.request_id, (token,), reason is not None, reason, lp))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def get_sequence(self, request_id: str) -> Sequence | None:
+        return self._seqs.get(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return sum(1 for s in self._seqs.values() if s.status is Status.RUNNING)
