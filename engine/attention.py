@@ -43,12 +43,21 @@ def paged_attention(
     write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
     nd = batch.num_decode
     if not batch.has_prefill:
-        return decode_attention(q, k_cache, v_cache, batch.decode_block_tables,
-                                batch.decode_seq_lens, scale)
-    prefill_out = prefill_attention(q[nd:], k_cache, v_cache, batch.prefill_block_tables,
-                                    batch.prefill_cu_seqlens_q, batch.prefill_seq_lens, scale)
+        return decode_attention(
+            q, k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, scale
+        )
+    prefill_out = prefill_attention(
+        q[nd:],
+        k_cache,
+        v_cache,
+        batch.prefill_block_tables,
+        batch.prefill_cu_seqlens_q,
+        batch.prefill_seq_lens,
+        scale,
+    )
     if nd == 0:
         return prefill_out
-    decode_out = decode_attention(q[:nd], k_cache, v_cache, batch.decode_block_tables,
-                                  batch.decode_seq_lens, scale)
+    decode_out = decode_attention(
+        q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, scale
+    )
     return torch.cat([decode_out, prefill_out])

@@ -69,7 +69,11 @@ def allocate_kv_cache(
 
 
 def blocks_for_memory(
-    memory_bytes: float, num_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
+    memory_bytes: float,
+    num_layers: int,
+    num_kv_heads: int,
+    block_size: int,
+    head_dim: int,
     dtype: torch.dtype,
 ) -> int:
     per_block = num_layers * 2 * num_kv_heads * block_size * head_dim * dtype.itemsize

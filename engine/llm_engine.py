@@ -57,11 +57,20 @@ class LLMEngine:
         self.model.load_weights(iter_weights(mc.path))
         kv_heads = self.model.num_kv_heads
         num_blocks = config.num_blocks or blocks_for_memory(
-            config.kv_memory_gb * 2**30, mc.num_layers, kv_heads, config.block_size,
-            mc.head_dim, self.dtype,
+            config.kv_memory_gb * 2**30,
+            mc.num_layers,
+            kv_heads,
+            config.block_size,
+            mc.head_dim,
+            self.dtype,
         )
         self.kv_cache = allocate_kv_cache(
-            mc.num_layers, num_blocks, kv_heads, config.block_size, mc.head_dim, self.dtype,
+            mc.num_layers,
+            num_blocks,
+            kv_heads,
+            config.block_size,
+            mc.head_dim,
+            self.dtype,
             self.device,
         )
         self.pool = BlockPool(num_blocks)
@@ -78,8 +87,13 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
-        logger.info("engine ready: %s, %s, %d KV blocks of %d tokens", mc.architecture,
-                    self.dtype, num_blocks, config.block_size)
+        logger.info(
+            "engine ready: %s, %s, %d KV blocks of %d tokens",
+            mc.architecture,
+            self.dtype,
+            num_blocks,
+            config.block_size,
+        )
 
     def add_request(
         self,
@@ -100,8 +114,9 @@ class LLMEngine:
                 "prompt", f"{len(tokens)} tokens do not fit the context of {self.max_model_len}"
             )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        seq = Sequence(request_id, tokens, len(prompt_token_ids), params, seed,
-                       next(self._arrivals))
+        seq = Sequence(
+            request_id, tokens, len(prompt_token_ids), params, seed, next(self._arrivals)
+        )
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 

@@ -79,15 +79,23 @@ class CausalLM(nn.Module):
         self.cfg, self.tp = cfg, tp
         kw = dict(dtype=dtype, device=device)
         self.embed = _param(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, dtype, device) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, tp, dtype, device) for _ in range(cfg.num_layers)
+        )
         self.norm = _param(cfg.hidden_size, **kw)
-        self.lm_head = self.embed if cfg.tie_word_embeddings else _param(
-            cfg.vocab_size, cfg.hidden_size, **kw
+        self.lm_head = (
+            self.embed if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, **kw)
         )
         self.register_buffer(
             "cos_sin",
-            rope_cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
-                               cfg.rope_scaling, dtype=torch.float32, device=device),
+            rope_cos_sin_cache(
+                cfg.head_dim,
+                cfg.max_position_embeddings,
+                cfg.rope_theta,
+                cfg.rope_scaling,
+                dtype=torch.float32,
+                device=device,
+            ),
             persistent=False,
         )
 
@@ -138,20 +146,31 @@ class CausalLM(nn.Module):
             expected.add("lm_head.weight")
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            expected |= {p + s for s in (
-                "input_layernorm.weight", "post_attention_layernorm.weight",
-                "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                "mlp.down_proj.weight",
-            )}
+            expected |= {
+                p + s
+                for s in (
+                    "input_layernorm.weight",
+                    "post_attention_layernorm.weight",
+                    "self_attn.q_proj.weight",
+                    "self_attn.k_proj.weight",
+                    "self_attn.v_proj.weight",
+                    "self_attn.o_proj.weight",
+                    "mlp.gate_proj.weight",
+                    "mlp.up_proj.weight",
+                    "mlp.down_proj.weight",
+                )
+            }
             if cfg.qkv_bias:
                 expected |= {p + f"self_attn.{x}_proj.bias" for x in "qkv"}
         missing = sorted(expected - loaded)
         if missing:
-            raise ModelLoadError(f"checkpoint is missing tensor '{missing[0]}' ({len(missing)} missing)")
+            raise ModelLoadError(
+                f"checkpoint is missing tensor '{missing[0]}' ({len(missing)} missing)"
+            )
 
-    def _place(self, name: str, w: torch.Tensor, q0: int, q1: int, k0: int, k1: int,
-               i0: int, i1: int) -> str | None:
+    def _place(
+        self, name: str, w: torch.Tensor, q0: int, q1: int, k0: int, k1: int, i0: int, i1: int
+    ) -> str | None:
         cfg = self.cfg
         if name == "model.embed_tokens.weight":
             return self._copy(name, self.embed, w)
@@ -161,7 +180,7 @@ class CausalLM(nn.Module):
             return None if cfg.tie_word_embeddings else self._copy(name, self.lm_head, w)
         if not name.startswith("model.layers."):
             return None
-        idx, _, rest = name[len("model.layers."):].partition(".")
+        idx, _, rest = name[len("model.layers.") :].partition(".")
         if not idx.isdigit() or int(idx) >= cfg.num_layers:
             return None
         layer: DecoderLayer = self.layers[int(idx)]
@@ -189,14 +208,21 @@ class CausalLM(nn.Module):
         if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
             n = layer.intermediate
             dst = slice(0, n) if "gate" in rest else slice(n, 2 * n)
-            return self._copy(name, layer.gate_up[dst], w, rows=(slice(i0, i1), cfg.intermediate_size))
+            return self._copy(
+                name, layer.gate_up[dst], w, rows=(slice(i0, i1), cfg.intermediate_size)
+            )
         if rest == "mlp.down_proj.weight":
             return self._copy(name, layer.down, w, cols=(slice(i0, i1), cfg.intermediate_size))
         return None
 
     @staticmethod
-    def _copy(name: str, dst: torch.Tensor, w: torch.Tensor,
-              rows: tuple[slice, int] | None = None, cols: tuple[slice, int] | None = None) -> str:
+    def _copy(
+        name: str,
+        dst: torch.Tensor,
+        w: torch.Tensor,
+        rows: tuple[slice, int] | None = None,
+        cols: tuple[slice, int] | None = None,
+    ) -> str:
         """Copies `w` (optionally this rank's rows or columns of it) into `dst`, checking shapes."""
         if rows is not None:
             if w.shape[0] != rows[1]:
@@ -204,10 +230,14 @@ class CausalLM(nn.Module):
             w = w[rows[0]]
         if cols is not None:
             if w.shape[-1] != cols[1]:
-                raise ModelLoadError(f"tensor '{name}' has {w.shape[-1]} columns, expected {cols[1]}")
+                raise ModelLoadError(
+                    f"tensor '{name}' has {w.shape[-1]} columns, expected {cols[1]}"
+                )
             w = w[:, cols[0]]
         if tuple(w.shape) != tuple(dst.shape):
-            raise ModelLoadError(f"tensor '{name}' has shape {tuple(w.shape)}, expected {tuple(dst.shape)}")
+            raise ModelLoadError(
+                f"tensor '{name}' has shape {tuple(w.shape)}, expected {tuple(dst.shape)}"
+            )
         with torch.no_grad():
             dst.copy_(w)
         return name

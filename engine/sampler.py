@@ -67,7 +67,9 @@ def _filtered_probs(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[torch.Te
     return probs.masked_fill(cut, 0.0), order
 
 
-def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
+def sample(
+    logits: torch.Tensor, seqs: Seq[Sequence]
+) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Samples one token for each row of `logits` (`[len(seqs), vocab]`, float32).
 
     Each sequence's next token sits at absolute position `seq.num_tokens`. Logprobs, when asked,
@@ -81,8 +83,9 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[T
         sub = [seqs[i] for i in sampled_rows]
         probs, order = _filtered_probs(logits[sampled_rows], sub)
         cdf = probs.cumsum(-1)
-        u = torch.tensor([uniform(s.seed, s.num_tokens) for s in sub], dtype=cdf.dtype,
-                         device=cdf.device)
+        u = torch.tensor(
+            [uniform(s.seed, s.num_tokens) for s in sub], dtype=cdf.dtype, device=cdf.device
+        )
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
         pick = pick.clamp_(max=probs.shape[-1] - 1)
         tokens[sampled_rows] = order.gather(1, pick).squeeze(1)
@@ -90,7 +93,9 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[T
     return token_list, _logprobs(raw, seqs, token_list)
 
 
-def _logprobs(raw: torch.Tensor, seqs: Seq[Sequence], tokens: list[int]) -> list[TokenLogprobs | None]:
+def _logprobs(
+    raw: torch.Tensor, seqs: Seq[Sequence], tokens: list[int]
+) -> list[TokenLogprobs | None]:
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     result: list[TokenLogprobs | None] = [None] * len(seqs)
     if not wanted:
