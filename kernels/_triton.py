@@ -7,6 +7,7 @@ to the first launch, and ``import pdserve.kernels`` also works where triton cann
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -20,12 +21,18 @@ except ImportError:
     triton = None
     tl = None
 
-__all__ = ["lazy_jit", "next_pow2", "tl", "triton", "use_triton"]
+LOG2_E = math.log2(math.e)
+
+__all__ = ["LOG2_E", "cdiv", "lazy_jit", "next_pow2", "tl", "triton", "use_triton"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
     """True when ``t`` lives on CUDA, or when ``PDSERVE_TRITON=1`` forces Triton on CPU."""
     return t.is_cuda or os.environ.get("PDSERVE_TRITON") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def next_pow2(n: int) -> int:

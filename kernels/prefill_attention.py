@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pdserve.kernels._triton import use_triton
+from pdserve.kernels._triton import LOG2_E, cdiv, lazy_jit, next_pow2, tl, use_triton
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """One sequence's ``[KVH, seq_len, D]`` keys or values, gathered from its blocks."""
     num_blocks, num_kv_heads, block_size, head_dim = cache.shape
-    blocks = block_table[: -(-seq_len // block_size)]
+    blocks = block_table[: cdiv(seq_len, block_size)]
     kv = cache[blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
     return kv[:, :seq_len]
 
@@ -52,6 +52,111 @@ def prefill_attention_ref(
     return out
 
 
+@lazy_jit
+def _prefill_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    cu_seqlens_ptr,
+    seq_lens_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_ch,
+    stride_cs,
+    stride_bt,
+    num_q_blocks,
+    head_dim,
+    block_size,
+    group,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M new tokens of one sequence, one query head.
+
+    Query heads of one KV head are adjacent in the grid, so their KV reads share L2.
+    """
+    head = tl.program_id(0)
+    # NOTE: the last query tiles see the most keys; launching them first balances the tail.
+    m_block = num_q_blocks - 1 - tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_ptr + seq)
+    q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    m_start = m_block * BLOCK_M
+    if m_start >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < q_len
+    d_mask = offs_d < head_dim
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    positions = prefix + offs_m
+    kv_head_offset = (head // group) * stride_ch
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    kv_end = tl.minimum(seq_len, prefix + m_start + BLOCK_M)
+    for n_start in range(0, kv_end, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < seq_len
+        page = tl.load(table + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
+        kv_offset = page * stride_cb + (offs_n % block_size) * stride_cs + kv_head_offset
+        k = tl.load(
+            k_cache_ptr + kv_offset[None, :] + offs_d[:, None],
+            mask=n_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        # Tiles wholly below the first query of this block need no causal mask; the
+        # mask also hides keys past seq_len, which only diagonal tiles reach.
+        if n_start + BLOCK_N > prefix + m_start + 1:
+            qk = tl.where(offs_n[None, :] <= positions[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_cache_ptr + kv_offset[:, None] + offs_d[None, :],
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        acc,
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+
+
+def _tiles(q: torch.Tensor, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): GPU tiles, or small ones for the interpreter."""
+    if not q.is_cuda:
+        return 32, 32, 4, 1
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 3
+
+
 def prefill_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -61,7 +166,45 @@ def prefill_attention_triton(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    raise NotImplementedError("Triton prefill attention lands in the next commit")
+    num_tokens, num_heads, head_dim = q.shape
+    batch = seq_lens.shape[0]
+    out = torch.empty_like(q)
+    if num_tokens == 0 or batch == 0:
+        return out
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_m, block_n, num_warps, num_stages = _tiles(q, head_dim)
+    max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    num_q_blocks = cdiv(max_q_len, block_m)
+    _prefill_attention_kernel[(num_heads, num_q_blocks, batch)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        cu_seqlens_q,
+        seq_lens,
+        scale * LOG2_E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        num_q_blocks,
+        head_dim,
+        k_cache.shape[2],
+        num_heads // k_cache.shape[1],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=next_pow2(head_dim),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
 
 
 def prefill_attention(
