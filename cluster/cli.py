@@ -1,0 +1,157 @@
+"""The `pdserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pdserve.api.errors import PdserveError
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from pdserve.api.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        stop=tuple(args.stop),
+    )
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from pdserve.cluster.tiny_model import make_tiny_model
+
+    sizes = {
+        k: getattr(args, k)
+        for k in (
+            "num_layers",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "num_kv_heads",
+            "vocab_size",
+            "max_position_embeddings",
+            "head_dim",
+            "seed",
+        )
+        if getattr(args, k) is not None
+    }
+    path = make_tiny_model(args.dir, variant=args.variant, **sizes)
+    print(f"wrote {args.variant} model to {path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    if args.server:
+        from pdserve.cluster.remote_generate import generate_remote
+
+        return generate_remote(args.server, args.prompt, params, args.json)
+    if not args.model:
+        raise SystemExit("generate: give --model DIR or --server HOST:PORT")
+    import torch
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    llm = LLM(EngineConfig(model=args.model, dtype=args.dtype, device=args.device))
+    (c,) = llm.generate([args.prompt], params)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "prompt_token_ids": c.prompt_token_ids,
+                    "token_ids": c.token_ids,
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "timings": {"ttft_s": c.ttft_s, "total_s": c.total_s},
+                }
+            )
+        )
+    else:
+        print(args.prompt + c.text)
+    return 0
+
+
+def cmd_bench_engine(args: argparse.Namespace) -> int:
+    from pdserve.cluster.bench_engine import run_bench_engine
+
+    return run_bench_engine(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny-model", help="write a small random model in HF layout")
+    p.add_argument("dir")
+    p.add_argument("--variant", choices=["llama", "qwen2"], default="llama")
+    for flag in (
+        "num-layers",
+        "hidden-size",
+        "intermediate-size",
+        "num-heads",
+        "num-kv-heads",
+        "vocab-size",
+        "max-position-embeddings",
+        "head-dim",
+        "seed",
+    ):
+        p.add_argument(f"--{flag}", type=int, default=None)
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("generate", help="complete one prompt, in-process or through a server")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="model folder (in-process engine)")
+    p.add_argument("--server", help="HOST:PORT of a running pdserve router")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench-engine", help="throughput of one in-process engine")
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_engine)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (PdserveError, ValueError) as e:
+        print(f"pdserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

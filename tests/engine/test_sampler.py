@@ -1,0 +1,122 @@
+"""Sampling: reproducible by (seed, position), distributions as intended, penalties, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from pdserve.api.sampling import SamplingParams
+from pdserve.engine.sampler import apply_penalties, sample
+from pdserve.engine.sequence import Sequence
+from scipy.stats import chisquare
+
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+DRAWS = 10_000
+
+
+def _seq(params: SamplingParams, tokens=(1, 2, 3), prompt_len=None, seed=5) -> Sequence:
+    tokens = list(tokens)
+    n = len(tokens) if prompt_len is None else prompt_len
+    return Sequence("s", tokens, n, params, seed=seed, arrival=0)
+
+
+def _draw_histogram(params: SamplingParams) -> np.ndarray:
+    """10k draws on fixed logits: one row per absolute position of one seeded sequence."""
+    seqs = [_seq(params, tokens=[0] * (1 + i)) for i in range(DRAWS)]
+    tokens, _ = sample(LOGITS.repeat(DRAWS, 1), seqs)
+    return np.bincount(tokens, minlength=len(LOGITS))
+
+
+def _expected(params: SamplingParams) -> np.ndarray:
+    p = torch.softmax(LOGITS / params.temperature, -1).double().numpy()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros_like(p, dtype=bool)
+    mass = 0.0
+    for rank, i in enumerate(order):
+        if params.top_k and rank >= params.top_k:
+            break
+        if mass >= params.top_p:
+            break
+        if p[i] < params.min_p * p[order[0]]:
+            break
+        keep[i] = True
+        mass += p[i]
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, seed=3),
+        SamplingParams(temperature=0.5, seed=3),
+        SamplingParams(temperature=1.0, top_k=3, seed=3),
+        SamplingParams(temperature=1.0, top_p=0.7, seed=3),
+        SamplingParams(temperature=1.0, min_p=0.2, seed=3),
+    ],
+    ids=["temperature-1", "temperature-0.5", "top-k", "top-p", "min-p"],
+)
+def test_draws_fit_the_intended_distribution(params):
+    observed = _draw_histogram(params)
+    expected = _expected(params)
+    assert observed[expected == 0].sum() == 0, "a filtered-out token was drawn"
+    support = expected > 0
+    _, p_value = chisquare(observed[support], expected[support] * DRAWS)
+    assert p_value > 1e-3
+
+
+def test_wrong_distribution_is_detected_by_the_chi_square_check():
+    observed = _draw_histogram(SamplingParams(temperature=1.0, seed=3))
+    wrong = _expected(SamplingParams(temperature=0.8))
+    _, p_value = chisquare(observed, wrong * DRAWS)
+    assert p_value < 1e-6
+
+
+def test_same_seed_same_tokens_and_different_seeds_differ():
+    params = SamplingParams(temperature=1.0)
+    logits = LOGITS.repeat(64, 1)
+
+    def run(seed):
+        return sample(logits, [_seq(params, [0] * (1 + i), seed=seed) for i in range(64)])[0]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_penalties_match_hand_computed_values():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    # prompt [0, 1], output [3, 3, 1]
+    seq = _seq(params, tokens=[0, 1, 3, 3, 1], prompt_len=2)
+    out = apply_penalties(logits.clone(), [seq])[0]
+    expected = [
+        2.0 / 2.0,  # prompt token: repetition only
+        -1.0 * 2.0 - 0.5 - 0.25 * 1,  # prompt and output once
+        0.5,  # unseen
+        3.0 / 2.0 - 0.5 - 0.25 * 2,  # output twice
+        -2.0,  # unseen
+    ]
+    torch.testing.assert_close(out, torch.tensor(expected))
+
+
+def test_logprobs_match_hand_computed_values():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    params = SamplingParams(temperature=0.0, logprobs=2, repetition_penalty=5.0)
+    tokens, lps = sample(logits, [_seq(params, tokens=[2])])
+    log_z = math.log(math.exp(1) + math.exp(2) + math.exp(3))
+    # the penalty moves the argmax from 2 to 1, logprobs stay those of the model
+    assert tokens == [1]
+    assert lps[0].token_id == 1
+    assert lps[0].logprob == pytest.approx(2 - log_z, abs=1e-6)
+    assert [t for t, _ in lps[0].top] == [2, 1]
+    assert lps[0].top[0][1] == pytest.approx(3 - log_z, abs=1e-6)
+
+
+def test_greedy_ignores_seed_and_picks_argmax():
+    tokens, lps = sample(
+        LOGITS.repeat(2, 1),
+        [_seq(SamplingParams(temperature=0.0)), _seq(SamplingParams(temperature=0.0), seed=9)],
+    )
+    assert tokens == [0, 0] and lps == [None, None]
