@@ -8,12 +8,12 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from pdserve.api.errors import InvalidRequest
+from pdserve.api.messages import TokenLogprobs
 from pdserve.api.output import TextOutput
 from pdserve.api.sampling import SamplingParams
 from pdserve.api.tokenizer import Tokenizer
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
-from pdserve.engine.sequence import TokenLogprobs
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from pdserve.api.errors import InvalidRequest
+from pdserve.api.messages import TokenLogprobs
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.kv_pool import BlockPool, allocate_kv_cache, blocks_for_memory
@@ -22,7 +23,7 @@ from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.parallel import SINGLE, TensorParallel
 from pdserve.engine.sampler import sample
 from pdserve.engine.scheduler import Scheduler
-from pdserve.engine.sequence import Sequence, Status, TokenLogprobs
+from pdserve.engine.sequence import Sequence, Status
 from pdserve.engine.weights import iter_weights
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 import torch
-from pdserve.engine.sequence import Sequence, TokenLogprobs
+from pdserve.api.messages import TokenLogprobs
+from pdserve.engine.sequence import Sequence
 
 _MASK64 = (1 << 64) - 1
 

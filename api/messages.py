@@ -1,0 +1,101 @@
+"""Messages between router, prefill workers and decode workers (frozen, torch-free).
+
+The data flows one way: the router sends a `PrefillRequest` to a prefill worker (and gets a
+`PrefillResult` back as the answer to that call); the decode worker streams `StepOutputs`, one
+batch per engine step for all its requests, which the router consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.api.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The sampled token's log-probability and the `top` most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """A request placed on a prefill worker, to be decoded on `decode_worker`.
+
+    `params.seed` is always set by the router, so a retry elsewhere samples the same tokens.
+    `output_token_ids` resumes a request that already produced tokens.
+    """
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    decode_worker: str
+    output_token_ids: tuple[int, ...] = ()
+    arrival_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """The answer to a prefill call: `error_code` is a gRPC status name when it failed."""
+
+    request_id: str
+    ok: bool
+    error_code: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds: waiting for prefill, computing it, moving KV, and from arrival to first token."""
+
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    transfer_s: float = 0.0
+    ttft_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New tokens of one request from one decode step; `finish_reason` set on the last one,
+    together with `usage` and `timings`. `finish_reason == "error"` carries `error`."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """Everything one decode worker produced in one step."""
+
+    worker_id: str
+    deltas: tuple[TokenDelta, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    role: str
+    tp: int
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+    cached_blocks: int = 0
+    prompt_tokens_computed: int = 0
+    kv_bytes_received: int = 0
+    kv_bytes_sent: int = 0
