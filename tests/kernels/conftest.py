@@ -1,28 +1,32 @@
-"""Kernel tests: Triton launchers run under the interpreter on CPU.
+"""Kernel tests: Triton launchers against their references, compiled on CUDA or interpreted.
 
-TRITON_INTERPRET must be set before a kernel is decorated; ``pdserve.kernels`` decorates at
-first launch, so setting it here at import time is early enough even when other test
-folders imported the package first. Tests call the ``*_triton`` launchers directly, so the
-engine's CPU tests in the same process keep the reference path.
+Without CUDA the launchers run under ``TRITON_INTERPRET=1``. Triton reads it when a kernel is
+decorated, and ``pdserve.kernels`` decorates at first launch, so setting it here at import
+time is early enough even when other test folders imported the package first. Tests call
+the ``*_triton`` launchers directly, so the engine's CPU tests in the same process keep the
+reference path. bf16 is tested only on CUDA: the interpreter computes it wrongly.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-from dataclasses import dataclass  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 BLOCK_SIZE = 16
 
 TOLERANCES = {
     torch.float32: {"atol": 2e-5, "rtol": 1e-4},
     torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
 }
+HALF_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 
 @dataclass(frozen=True)
@@ -73,12 +77,12 @@ def make_paged_batch(
     q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
     cu_seqlens_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     return PagedBatch(
-        q=q,
-        k_cache=k_cache,
-        v_cache=v_cache,
-        block_tables=block_tables,
-        cu_seqlens_q=cu_seqlens_q,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        q=q.to(DEVICE),
+        k_cache=k_cache.to(DEVICE),
+        v_cache=v_cache.to(DEVICE),
+        block_tables=block_tables.to(DEVICE),
+        cu_seqlens_q=cu_seqlens_q.to(DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
         keys=keys,
         values=values,
         scale=head_dim**-0.5,
@@ -89,6 +93,7 @@ def dense_attention_f64(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Textbook causal attention in float64 for the last ``len(q)`` positions of ``k``/``v``."""
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
     q_len, num_heads, _ = q.shape
     seq_len, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
@@ -99,6 +104,21 @@ def dense_attention_f64(
     visible = torch.arange(seq_len)[None, :] <= positions[:, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(params=[torch.float32, *HALF_DTYPES], ids=str)
+def dtype(request) -> torch.dtype:
+    return request.param
+
+
+@pytest.fixture(params=HALF_DTYPES, ids=str)
+def half_dtype(request) -> torch.dtype:
+    return request.param
 
 
 @pytest.fixture
@@ -114,6 +134,8 @@ def dense_attention():
 @pytest.fixture
 def assert_close():
     def check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-        torch.testing.assert_close(actual.double(), expected.double(), **TOLERANCES[dtype])
+        torch.testing.assert_close(
+            actual.double().cpu(), expected.double().cpu(), **TOLERANCES[dtype]
+        )
 
     return check

@@ -9,50 +9,52 @@ pytestmark = pytest.mark.kernels
 SLOTS = [0, 5, 17, -1, 33, 100, 127, -1, 64, 2]
 
 
-def _layers(dtype: torch.dtype, head_dim: int) -> torch.Tensor:
+def _layers(dtype: torch.dtype, head_dim: int, device: torch.device) -> torch.Tensor:
     """A 2-layer KV tensor ``[layers, 2, blocks, KVH, block_size, D]``, zero-filled."""
-    return torch.zeros(2, 2, 8, 3, 16, head_dim, dtype=dtype)
+    return torch.zeros(2, 2, 8, 3, 16, head_dim, dtype=dtype, device=device)
 
 
-def _new_kv(dtype: torch.dtype, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _new_kv(
+    dtype: torch.dtype, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    k = torch.randn(len(SLOTS), 3, head_dim, generator=gen).to(dtype)
-    v = torch.randn(len(SLOTS), 3, head_dim, generator=gen).to(dtype)
+    k = torch.randn(len(SLOTS), 3, head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(len(SLOTS), 3, head_dim, generator=gen).to(device, dtype)
     return k, v
 
 
 @pytest.mark.parametrize("write", [write_kv_cache_ref, write_kv_cache_triton])
-def test_write_stores_each_token_at_its_slot_and_skips_negative_slots(write):
-    kv = _layers(torch.float32, 64)
-    k, v = _new_kv(torch.float32, 64)
-    write(k, v, kv[1, 0], kv[1, 1], torch.tensor(SLOTS))
+def test_write_stores_each_token_at_its_slot_and_skips_negative_slots(write, device):
+    kv = _layers(torch.float32, 64, device)
+    k, v = _new_kv(torch.float32, 64, device)
+    write(k, v, kv[1, 0], kv[1, 1], torch.tensor(SLOTS, device=device))
     flat_k = kv[1, 0].transpose(1, 2).reshape(-1, 3, 64)
     flat_v = kv[1, 1].transpose(1, 2).reshape(-1, 3, 64)
     for t, slot in enumerate(SLOTS):
         if slot >= 0:
             assert torch.equal(flat_k[slot], k[t]) and torch.equal(flat_v[slot], v[t])
-    written = torch.zeros(flat_k.shape[0], dtype=torch.bool)
+    written = torch.zeros(flat_k.shape[0], dtype=torch.bool, device=device)
     written[[s for s in SLOTS if s >= 0]] = True
     assert not flat_k[~written].any() and not flat_v[~written].any()
     assert not kv[0].any(), "another layer was written"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
-def test_triton_write_equals_reference(dtype, head_dim):
-    expected, actual = _layers(dtype, head_dim), _layers(dtype, head_dim)
-    k, v = _new_kv(dtype, head_dim)
-    slots = torch.tensor(SLOTS)
+def test_triton_write_equals_reference(dtype, head_dim, device):
+    expected, actual = _layers(dtype, head_dim, device), _layers(dtype, head_dim, device)
+    k, v = _new_kv(dtype, head_dim, device)
+    slots = torch.tensor(SLOTS, device=device)
     write_kv_cache_ref(k, v, expected[0, 0], expected[0, 1], slots)
     write_kv_cache_triton(k, v, actual[0, 0], actual[0, 1], slots)
     assert torch.equal(actual, expected)
 
 
-def test_triton_write_reads_strided_keys_from_fused_qkv():
-    qkv = torch.randn(len(SLOTS), (4 + 3 + 3) * 64)
+def test_triton_write_reads_strided_keys_from_fused_qkv(device):
+    qkv = torch.randn(len(SLOTS), (4 + 3 + 3) * 64, device=device)
     k = qkv[:, 4 * 64 : 7 * 64].view(len(SLOTS), 3, 64)
     v = qkv[:, 7 * 64 :].view(len(SLOTS), 3, 64)
-    expected, actual = _layers(torch.float32, 64), _layers(torch.float32, 64)
-    write_kv_cache_ref(k, v, expected[0, 0], expected[0, 1], torch.tensor(SLOTS))
-    write_kv_cache_triton(k, v, actual[0, 0], actual[0, 1], torch.tensor(SLOTS))
+    expected, actual = _layers(torch.float32, 64, device), _layers(torch.float32, 64, device)
+    slots = torch.tensor(SLOTS, device=device)
+    write_kv_cache_ref(k, v, expected[0, 0], expected[0, 1], slots)
+    write_kv_cache_triton(k, v, actual[0, 0], actual[0, 1], slots)
     assert torch.equal(actual, expected)

@@ -7,17 +7,16 @@ from pdserve.kernels.prefill_attention import prefill_attention_ref, prefill_att
 pytestmark = pytest.mark.kernels
 
 # Base case: a sequence of 17 new tokens without prefix beside a companion sequence with a
-# 20-token prefix, 2 KV heads with 2 query heads each, head dim 64, fp32. Each test below
-# varies one dimension.
+# 20-token prefix, 2 KV heads with 2 query heads each, head dim 64, fp32. Each case varies
+# one dimension; half precision is its own test.
 BASE = {"q_len": 17, "prefix": 0, "group": 2, "head_dim": 64, "dtype": torch.float32}
 
 CASES = [
+    BASE,
     *({**BASE, "q_len": n} for n in (1, 15, 100)),
     *({**BASE, "prefix": p} for p in (16, 45, 200)),
     *({**BASE, "group": g} for g in (1, 4, 8)),
     *({**BASE, "head_dim": d} for d in (80, 96, 128)),
-    *({**BASE, "dtype": torch.float16, "q_len": n, "prefix": p} for n, p in ((17, 0), (33, 40))),
-    BASE,
 ]
 
 
@@ -56,6 +55,16 @@ def test_triton_prefill_matches_reference(paged_batch, assert_close, case):
     assert_close(out, _run(prefill_attention_ref, batch), case["dtype"])
 
 
+@pytest.mark.parametrize("q_len, prefix", [(17, 0), (33, 40)])
+def test_triton_prefill_matches_reference_in_half_precision(
+    paged_batch, assert_close, half_dtype, q_len, prefix
+):
+    batch = _batch(paged_batch, {**BASE, "q_len": q_len, "prefix": prefix, "dtype": half_dtype})
+    out = _run(prefill_attention_triton, batch)
+    assert out.dtype == half_dtype
+    assert_close(out, _run(prefill_attention_ref, batch), half_dtype)
+
+
 @pytest.mark.parametrize(
     "case",
     [BASE, {**BASE, "prefix": 45, "group": 4}, {**BASE, "q_len": 100, "head_dim": 80}],
@@ -69,11 +78,11 @@ def test_reference_prefill_matches_dense_float64(paged_batch, dense_attention, c
         q = batch.q[starts[b] : starts[b + 1]]
         expected = dense_attention(q, batch.keys[b], batch.values[b], batch.scale)
         torch.testing.assert_close(
-            out[starts[b] : starts[b + 1]].double(), expected, atol=1e-5, rtol=1e-5
+            out[starts[b] : starts[b + 1]].double().cpu(), expected, atol=1e-5, rtol=1e-5
         )
 
 
-def test_chunked_prefill_equals_single_pass(paged_batch, assert_close):
+def test_chunked_prefill_equals_single_pass(paged_batch, assert_close, device):
     """Prefilling 40 tokens as chunks of 24 and 16 gives what one 40-token pass gives."""
     whole = paged_batch(q_lens=[40], prefix_lens=[0], group=4)
     full = _run(prefill_attention_triton, whole)
@@ -83,17 +92,17 @@ def test_chunked_prefill_equals_single_pass(paged_batch, assert_close):
             whole.k_cache,
             whole.v_cache,
             whole.block_tables,
-            torch.tensor([0, end - start], dtype=torch.int32),
-            torch.tensor([end], dtype=torch.int32),
+            torch.tensor([0, end - start], dtype=torch.int32, device=device),
+            torch.tensor([end], dtype=torch.int32, device=device),
             whole.scale,
         )
         assert_close(chunk, full[start:end], torch.float32)
 
 
-def test_triton_prefill_reads_strided_query_from_fused_qkv(paged_batch, assert_close):
+def test_triton_prefill_reads_strided_query_from_fused_qkv(paged_batch, assert_close, device):
     batch = paged_batch(q_lens=[17, 5], prefix_lens=[3, 20])
     num_tokens, num_heads, head_dim = batch.q.shape
-    qkv = torch.randn(num_tokens, (num_heads + 4) * head_dim)
+    qkv = torch.randn(num_tokens, (num_heads + 4) * head_dim, device=device)
     qkv[:, : num_heads * head_dim] = batch.q.flatten(1)
     q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
     out = prefill_attention_triton(

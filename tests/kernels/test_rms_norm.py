@@ -7,15 +7,15 @@ from pdserve.kernels.rms_norm import rms_norm_ref, rms_norm_triton
 pytestmark = pytest.mark.kernels
 
 
-def _inputs(hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def _inputs(hidden: int, dtype: torch.dtype, device: str | torch.device = "cpu"):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(7, hidden, generator=gen).to(dtype)
-    residual = torch.randn(7, hidden, generator=gen).to(dtype)
-    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    x = torch.randn(7, hidden, generator=gen).to(device, dtype)
+    residual = torch.randn(7, hidden, generator=gen).to(device, dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device, dtype)
     return x, residual, weight
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_reference_equals_hugging_face_llama_rms_norm(dtype):
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     x, residual, weight = _inputs(96, dtype)
@@ -28,18 +28,16 @@ def test_reference_equals_hugging_face_llama_rms_norm(dtype):
         assert torch.equal(out, hf(residual + x))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("hidden", [64, 96, 1000])
-def test_triton_rms_norm_matches_reference(assert_close, dtype, hidden):
-    x, _, weight = _inputs(hidden, dtype)
+def test_triton_rms_norm_matches_reference(assert_close, dtype, device, hidden):
+    x, _, weight = _inputs(hidden, dtype, device)
     out = rms_norm_triton(x, weight, 1e-6)
     assert out.dtype == dtype
     assert_close(out, rms_norm_ref(x, weight, 1e-6), dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_triton_rms_norm_adds_residual_first(assert_close, dtype):
-    x, residual, weight = _inputs(96, dtype)
+def test_triton_rms_norm_adds_residual_first(assert_close, dtype, device):
+    x, residual, weight = _inputs(96, dtype, device)
     out, new_residual = rms_norm_triton(x, weight, 1e-6, residual)
     expected_out, expected_residual = rms_norm_ref(x, weight, 1e-6, residual)
     assert torch.equal(new_residual, expected_residual)
