@@ -9,8 +9,10 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from pdserve.api.errors import InvalidRequest
@@ -22,7 +24,7 @@ from pdserve.engine.model import CausalLM
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.parallel import SINGLE, TensorParallel
 from pdserve.engine.sampler import sample
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import Sequence, Status
 from pdserve.engine.weights import iter_weights
 
@@ -88,6 +90,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
+        self.num_prompt_tokens_computed = 0
         logger.info(
             "engine ready: %s, %s, %d KV blocks of %d tokens",
             mc.architecture,
@@ -140,26 +143,67 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> list[StepOutput]:
+    def step(
+        self, on_layer_kv: Callable[[list[ScheduledSeq], int], None] | None = None
+    ) -> list[StepOutput]:
+        """Runs one step. `on_layer_kv(scheduled, i)` is called as soon as layer i's KV of this
+        step's tokens is in the cache (a prefill worker ships it from there)."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        logits = self.runner.run(scheduled)
+        hook = partial(on_layer_kv, scheduled) if on_layer_kv is not None else None
+        logits = self.runner.run(scheduled, hook)
         samplers = [s.seq for s in scheduled if s.samples]
         tokens, logprobs = sample(logits, samplers) if samplers else ([], [])
         for item in scheduled:
-            item.seq.num_computed += item.num_tokens
-        outputs = []
-        for seq, token, lp in zip(samplers, tokens, logprobs):
-            seq.token_ids.append(token)
-            if lp is not None:
-                seq.logprobs.append(lp)
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                del self._seqs[seq.request_id]
-            outputs.append(StepOutput(seq.request_id, (token,), reason is not None, reason, lp))
-        return outputs
+            seq = item.seq
+            start = seq.num_computed
+            self.num_prompt_tokens_computed += max(
+                0, min(start + item.num_tokens, seq.num_prompt_tokens) - start
+            )
+            seq.num_computed += item.num_tokens
+        return [self._append(seq, t, lp) for seq, t, lp in zip(samplers, tokens, logprobs)]
+
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        block_ids: list[int],
+        first_token: int,
+        first_logprobs: TokenLogprobs | None = None,
+        output_token_ids: Seq[int] = (),
+    ) -> StepOutput:
+        """Admits a request whose KV another worker computed into `block_ids` (which this
+        engine's pool allocated and whose ownership passes to the request), together with the
+        token that worker sampled. It joins the running batch at once."""
+        if request_id in self._seqs:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+        tokens = list(prompt_token_ids) + list(output_token_ids)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(
+            request_id,
+            tokens,
+            len(prompt_token_ids),
+            params,
+            seed,
+            next(self._arrivals),
+            block_ids=block_ids,
+            num_computed=len(tokens),
+        )
+        self._seqs[request_id] = seq
+        self.scheduler.add_running(seq)
+        return self._append(seq, first_token, first_logprobs)
+
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> StepOutput:
+        seq.token_ids.append(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._seqs[seq.request_id]
+        return StepOutput(seq.request_id, (token,), reason is not None, reason, lp)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

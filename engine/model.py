@@ -8,7 +8,7 @@ projections followed by an all-reduce. Embeddings and the LM head are replicated
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -109,10 +109,13 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,
         batch: AttentionBatch,
         kv_cache: torch.Tensor,
+        on_layer_kv: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Returns the final hidden states `[T, hidden]` (after the last norm).
 
         `kv_cache` is `[num_layers, 2, num_blocks, kv_heads, block_size, head_dim]`.
+        `on_layer_kv(i)` runs as soon as layer i's KV is in the cache, so a prefill worker
+        can ship it while the next layers compute.
         """
         h = F.embedding(input_ids, self.embed)
         residual = None
@@ -122,6 +125,8 @@ class CausalLM(nn.Module):
             else:
                 x, residual = rms_norm(h, layer.input_norm, layer.eps, residual)
             h = layer.attention(x, positions, self.cos_sin, batch, kv_cache[i, 0], kv_cache[i, 1])
+            if on_layer_kv is not None:
+                on_layer_kv(i)
             x, residual = rms_norm(h, layer.post_attention_norm, layer.eps, residual)
             h = layer.mlp(x)
         out, _ = rms_norm(h, self.norm, self.cfg.rms_norm_eps, residual)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pdserve.engine.attention import AttentionBatch
 from pdserve.engine.model import CausalLM
@@ -16,11 +18,13 @@ class ModelRunner:
         self.device = kv_cache.device
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+    def run(
+        self, scheduled: list[ScheduledSeq], on_layer_kv: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
         """One forward call over the whole ragged batch (decode sequences first); returns the
         float32 logits of the sequences that sample this step, in scheduled order."""
         input_ids, positions, batch, sample_idx = self.prepare(scheduled)
-        hidden = self.model(input_ids, positions, batch, self.kv_cache)
+        hidden = self.model(input_ids, positions, batch, self.kv_cache, on_layer_kv)
         return self.model.compute_logits(hidden[sample_idx])
 
     def prepare(
