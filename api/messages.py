@@ -99,3 +99,28 @@ class WorkerStatus:
     prompt_tokens_computed: int = 0
     kv_bytes_received: int = 0
     kv_bytes_sent: int = 0
+
+
+@dataclass(frozen=True)
+class ChannelAddress:
+    """Where a prefill rank joins the KV channel that a decode rank hosts for it. `epoch`
+    changes whenever the decode side rebuilds the channel."""
+
+    host: str
+    port: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class ReserveReply:
+    """A decode worker's answer to a reservation: where the KV goes, or why it cannot.
+
+    `cached_tokens` leading tokens are already on the decode worker and are not sent.
+    `stale_channel` means the prefill worker must rebuild its channel and ask again.
+    """
+
+    transfer_id: int = -1
+    cached_tokens: int = 0
+    stale_channel: bool = False
+    error_code: str | None = None
+    error: str | None = None

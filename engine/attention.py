@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from pdserve.kernels import decode_attention, prefill_attention, write_kv_cache
 
 

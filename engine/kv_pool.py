@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import deque
 
 import torch
+
 from pdserve.api.errors import CapacityExceeded
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+
 from pdserve.api.errors import InvalidRequest
 from pdserve.api.messages import TokenLogprobs
 from pdserve.api.sampling import SamplingParams
@@ -108,15 +109,7 @@ class LLMEngine:
     ) -> None:
         """Queues a request. `output_token_ids` resumes one that already produced tokens: they
         count towards `max_tokens` and penalties as output, and decoding continues after them."""
-        if request_id in self._seqs:
-            raise InvalidRequest("request_id", f"{request_id!r} is already running")
-        self.validate_prompt(prompt_token_ids, "prompt_token_ids")
-        self.validate_prompt(output_token_ids, "output_token_ids", allow_empty=True)
-        tokens = list(prompt_token_ids) + list(output_token_ids)
-        if len(tokens) >= self.max_model_len:
-            raise InvalidRequest(
-                "prompt", f"{len(tokens)} tokens do not fit the context of {self.max_model_len}"
-            )
+        tokens = self.check_request(request_id, prompt_token_ids, output_token_ids)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(
             request_id, tokens, len(prompt_token_ids), params, seed, next(self._arrivals)
@@ -124,13 +117,29 @@ class LLMEngine:
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
-    def validate_prompt(self, ids: Seq[int], field: str, allow_empty: bool = False) -> None:
-        if not ids and not allow_empty:
-            raise InvalidRequest(field, "prompt is empty")
+    def check_request(
+        self, request_id: str, prompt_token_ids: Seq[int], output_token_ids: Seq[int] = ()
+    ) -> list[int]:
+        """Validates a request's tokens; returns prompt + output as one list."""
+        if request_id in self._seqs:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt_token_ids", "prompt is empty")
+        tokens = list(prompt_token_ids) + list(output_token_ids)
         vocab = self.model_config.vocab_size
-        for i, t in enumerate(ids):
+        for i, t in enumerate(tokens):
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise InvalidRequest(f"{field}[{i}]", f"token id {t!r} is outside [0, {vocab})")
+                field = (
+                    f"prompt_token_ids[{i}]"
+                    if i < len(prompt_token_ids)
+                    else f"output_token_ids[{i - len(prompt_token_ids)}]"
+                )
+                raise InvalidRequest(field, f"token id {t!r} is outside [0, {vocab})")
+        if len(tokens) >= self.max_model_len:
+            raise InvalidRequest(
+                "prompt", f"{len(tokens)} tokens do not fit the context of {self.max_model_len}"
+            )
+        return tokens
 
     def abort(self, request_id: str) -> bool:
         """Stops a request at whatever stage it is and frees its blocks. False if unknown."""
@@ -177,9 +186,7 @@ class LLMEngine:
         """Admits a request whose KV another worker computed into `block_ids` (which this
         engine's pool allocated and whose ownership passes to the request), together with the
         token that worker sampled. It joins the running batch at once."""
-        if request_id in self._seqs:
-            raise InvalidRequest("request_id", f"{request_id!r} is already running")
-        tokens = list(prompt_token_ids) + list(output_token_ids)
+        tokens = self.check_request(request_id, prompt_token_ids, output_token_ids)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(
             request_id,

@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from pdserve.api.errors import ModelLoadError
 from pdserve.engine.attention import AttentionBatch, paged_attention
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.parallel import SINGLE, TensorParallel
 from pdserve.kernels import rms_norm, rope_cos_sin_cache, rotary_embedding
-from torch import nn
 
 _QKV_NAME = re.compile(r"self_attn\.([qkv])_proj\.(weight|bias)")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from pdserve.engine.attention import AttentionBatch
 from pdserve.engine.model import CausalLM
 from pdserve.engine.scheduler import ScheduledSeq

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 import torch
+
 from pdserve.api.messages import TokenLogprobs
 from pdserve.engine.sequence import Sequence
 
