@@ -97,7 +97,8 @@ class ModelConfig:
 class EngineConfig:
     """How one engine instance runs its model.
 
-    `num_blocks=None` sizes the KV pool from `kv_memory_gb`. `max_num_batched_tokens` is the
+    `num_blocks=None` sizes the KV pool as `kv_memory_fraction` of the device's memory (GPU
+    memory on CUDA, RAM on CPU). `max_num_batched_tokens` is the
     token budget of one step (decode tokens plus prefill chunks).
     """
 
@@ -106,7 +107,7 @@ class EngineConfig:
     device: str = "cpu"
     block_size: int = 16
     num_blocks: int | None = None
-    kv_memory_gb: float = 1.0
+    kv_memory_fraction: float = 0.05
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None

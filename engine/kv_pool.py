@@ -5,6 +5,7 @@ The pool hands out block ids and counts references; it knows nothing of prefixes
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import torch
@@ -79,3 +80,10 @@ def blocks_for_memory(
 ) -> int:
     per_block = num_layers * 2 * num_kv_heads * block_size * head_dim * dtype.itemsize
     return max(1, int(memory_bytes // per_block))
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of the device: the GPU's on CUDA, the machine's RAM on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -20,7 +20,12 @@ from pdserve.api.errors import InvalidRequest
 from pdserve.api.messages import TokenLogprobs
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig, ModelConfig
-from pdserve.engine.kv_pool import BlockPool, allocate_kv_cache, blocks_for_memory
+from pdserve.engine.kv_pool import (
+    BlockPool,
+    allocate_kv_cache,
+    blocks_for_memory,
+    device_memory_bytes,
+)
 from pdserve.engine.model import CausalLM
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.parallel import SINGLE, TensorParallel
@@ -61,7 +66,7 @@ class LLMEngine:
         self.model.load_weights(iter_weights(mc.path))
         kv_heads = self.model.num_kv_heads
         num_blocks = config.num_blocks or blocks_for_memory(
-            config.kv_memory_gb * 2**30,
+            config.kv_memory_fraction * device_memory_bytes(self.device),
             mc.num_layers,
             kv_heads,
             config.block_size,

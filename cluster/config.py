@@ -1,0 +1,164 @@
+"""The cluster's YAML config: dataclasses with documented defaults, validated once at load.
+
+Every key but `model` has a default; an unknown key is an error naming its dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+POLICIES = ("least_loaded", "round_robin")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing or has a bad value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    num_blocks: int | None = None  # blocks per worker; wins over memory_fraction
+    memory_fraction: float = 0.05  # of GPU memory on CUDA, of RAM on CPU, when num_blocks unset
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    workers: int = 1
+    tp: int = 1
+    token_budget: int = 2048  # tokens per prefill step; longer prompts are chunked
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    workers: int = 1
+    tp: int = 1
+    max_num_seqs: int = 256  # sequences in one decode batch
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    timeout_s: float = 30.0  # a transfer silent this long fails and falls back
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    listen: str = "127.0.0.1:50051"
+    policy: str = "least_loaded"
+    max_inflight: int = 1024  # beyond this, new requests get RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str
+    dtype: str = "auto"
+    device: str = "cpu"
+    block_size: int = 16
+    threads_per_worker: int = 1
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    prefill: PrefillConfig = field(default_factory=PrefillConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+        _check(
+            self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            "must be 'cpu' or 'cuda'",
+        )
+        _check(self.block_size >= 1, "block_size", "must be >= 1")
+        _check(self.threads_per_worker >= 1, "threads_per_worker", "must be >= 1")
+        _check(
+            self.kv_cache.num_blocks is None or self.kv_cache.num_blocks >= 1,
+            "kv_cache.num_blocks",
+            "must be >= 1",
+        )
+        _check(
+            0 < self.kv_cache.memory_fraction <= 0.95,
+            "kv_cache.memory_fraction",
+            "must be in (0, 0.95]",
+        )
+        for role in ("prefill", "decode"):
+            part = getattr(self, role)
+            _check(part.workers >= 1, f"{role}.workers", "must be >= 1")
+            _check(
+                part.tp == 1, f"{role}.tp", "only 1 is supported until tensor-parallel workers land"
+            )
+        _check(self.prefill.token_budget >= 1, "prefill.token_budget", "must be >= 1")
+        _check(self.decode.max_num_seqs >= 1, "decode.max_num_seqs", "must be >= 1")
+        _check(self.kv_transfer.timeout_s > 0, "kv_transfer.timeout_s", "must be > 0")
+        _check(
+            self.router.policy in POLICIES, "router.policy", f"must be one of {', '.join(POLICIES)}"
+        )
+        _check(self.router.max_inflight >= 1, "router.max_inflight", "must be >= 1")
+        host, sep, port = self.router.listen.rpartition(":")
+        _check(bool(sep and host and port.isdigit()), "router.listen", "must be HOST:PORT")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, kind, f"{prefix}{key}")
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required key is missing")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option in (int, str, bool) and type(value) is option:
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{key}: expected {names}, got {value!r}")
+
+
+def config_from_dict(values: dict[str, Any]) -> ClusterConfig:
+    return _build(ClusterConfig, values, "")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterConfig:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: must hold a mapping")
+    return config_from_dict({**values, **(overrides or {})})

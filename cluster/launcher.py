@@ -1,0 +1,187 @@
+"""Starting a cluster: Ray, the prefill and decode workers, and the router.
+
+The process that runs this is the router process, so nothing here imports torch: workers
+are created from their torch-free actor shells and load the engine in their own processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.api.naming import NAMESPACE, actor_name
+from pdserve.cluster.config import ClusterConfig
+from pdserve.engine.config import EngineConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def start_ray(config: ClusterConfig, address: str | None) -> None:
+    """Joins the cluster at `address`, or starts a local Ray instance on loopback that has
+    the `prefill` and `decode` resources the config's workers ask for."""
+    # NOTE: must be set before `import ray`, or Ray listens on every interface (PLATFORM.md).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+        return
+    ray.init(
+        namespace=NAMESPACE,
+        include_dashboard=False,
+        resources={"prefill": config.prefill.workers, "decode": config.decode.workers},
+        log_to_driver=True,
+    )
+
+
+@dataclass
+class Workers:
+    prefill: dict[str, Any] = field(default_factory=dict)
+    decode: dict[str, Any] = field(default_factory=dict)
+
+    def all(self) -> dict[str, Any]:
+        return {**self.prefill, **self.decode}
+
+
+def _engine_config(config: ClusterConfig, role: str) -> EngineConfig:
+    prefill = role == "prefill"
+    return EngineConfig(
+        model=os.path.abspath(config.model),
+        dtype=config.dtype,
+        device=config.device,
+        block_size=config.block_size,
+        num_blocks=config.kv_cache.num_blocks,
+        kv_memory_fraction=config.kv_cache.memory_fraction,
+        max_num_seqs=256 if prefill else config.decode.max_num_seqs,
+        max_num_batched_tokens=config.prefill.token_budget if prefill else 2048,
+    )
+
+
+def _placement(config: ClusterConfig, role: str) -> dict[str, Any]:
+    """GPU workers take GPUs; CPU workers take the custom resource of their role (with
+    num_cpus=0, since actors asking for more CPUs than exist stay pending forever)."""
+    if config.device.startswith("cuda"):
+        return {"num_gpus": getattr(config, role).tp, "num_cpus": 0}
+    return {"num_cpus": 0, "resources": {role: 1}}
+
+
+def launch_workers(config: ClusterConfig) -> Workers:
+    """Creates every worker and returns once all have loaded their model."""
+    import ray
+
+    from pdserve.decode_worker.actor import DecodeWorker
+    from pdserve.prefill_worker.actor import PrefillWorker
+
+    timeout = config.kv_transfer.timeout_s
+    threads = config.threads_per_worker
+    workers = Workers()
+    for i in range(config.decode.workers):
+        wid = f"decode-{i}"
+        workers.decode[wid] = (
+            ray.remote(DecodeWorker)
+            .options(name=actor_name(wid), namespace=NAMESPACE, **_placement(config, "decode"))
+            .remote(wid, _engine_config(config, "decode"), timeout, threads)
+        )
+    for i in range(config.prefill.workers):
+        wid = f"prefill-{i}"
+        workers.prefill[wid] = (
+            ray.remote(PrefillWorker)
+            .options(name=actor_name(wid), namespace=NAMESPACE, **_placement(config, "prefill"))
+            .remote(wid, _engine_config(config, "prefill"), timeout, threads)
+        )
+    try:
+        ray.get([h.start.remote() for h in workers.all().values()])
+    except Exception:
+        stop_workers(workers)
+        raise
+    logger.info("workers ready: %s", ", ".join(workers.all()))
+    return workers
+
+
+def stop_workers(workers: Workers) -> None:
+    import ray
+
+    for handle in workers.all().values():
+        try:
+            ray.kill(handle)
+        except Exception as e:  # a worker that already died is fine
+            logger.debug("killing a worker: %s", e)
+
+
+def max_model_len(config: ClusterConfig) -> int:
+    """The context the workers accept: the model's, capped by what one KV pool holds."""
+    model = ModelConfig.from_model_dir(config.model)
+    limit = model.max_position_embeddings
+    if config.kv_cache.num_blocks:
+        limit = min(limit, config.kv_cache.num_blocks * config.block_size)
+    return limit
+
+
+async def start_router(config: ClusterConfig, workers: Workers, listen: str | None = None):
+    """Starts the gRPC router in the running event loop; returns (router, port)."""
+    from pdserve.api.tokenizer import Tokenizer
+    from pdserve.router.router import Router
+
+    model = ModelConfig.from_model_dir(config.model)
+    router = Router(
+        Tokenizer.from_model_dir(config.model),
+        workers.prefill,
+        workers.decode,
+        vocab_size=model.vocab_size,
+        max_model_len=max_model_len(config),
+        policy=config.router.policy,
+        max_inflight=config.router.max_inflight,
+        model_name=os.path.basename(os.path.abspath(config.model)),
+    )
+    port = await router.start(listen or config.router.listen)
+    return router, port
+
+
+class BackgroundCluster:
+    """A whole cluster whose router runs on a background thread: for tests and the demo.
+
+    `target` is the router's HOST:PORT once `start()` returns.
+    """
+
+    def __init__(self, config: ClusterConfig, address: str | None = None) -> None:
+        self.config = config
+        self.address = address
+        self.workers = Workers()
+        self.router = None
+        self.target = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="pdserve-router"
+        )
+
+    def start(self) -> BackgroundCluster:
+        start_ray(self.config, self.address)
+        self.workers = launch_workers(self.config)
+        self._thread.start()
+        host = self.config.router.listen.rpartition(":")[0]
+        self.router, port = self.run(start_router(self.config, self.workers, f"{host}:0"))
+        self.target = f"{host}:{port}"
+        return self
+
+    def run(self, coro, timeout: float | None = 60):
+        """Runs a coroutine on the router's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.router is not None:
+            self.run(self.router.stop(1.0))
+        stop_workers(self.workers)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> BackgroundCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

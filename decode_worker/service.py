@@ -1,0 +1,339 @@
+"""The decode worker: receives KV from prefill workers, decodes continuously, streams tokens.
+
+Everything that touches the engine runs on the actor's event loop between steps, so a
+reservation or an abort is answered while the step loop runs without locking the engine.
+KV arrives on one receiver thread per channel, which writes into blocks reserved for the
+transfer (never used by the engine until admission) under the reservation's lock, so an abort
+that frees those blocks can never race with a late write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from pdserve.api.errors import PdserveError
+from pdserve.api.messages import (
+    ChannelAddress,
+    PrefillRequest,
+    ReserveReply,
+    StepOutputs,
+    Timings,
+    TokenDelta,
+    TokenLogprobs,
+    Usage,
+    WorkerStatus,
+)
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_transfer import (
+    KIND_CANCEL,
+    KIND_DONE,
+    KIND_KV,
+    RECEIVER,
+    KVChannel,
+    Message,
+    scatter_tokens,
+    token_slots,
+)
+from pdserve.engine.llm_engine import LLMEngine, StepOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Reservation:
+    transfer_id: int
+    request: PrefillRequest
+    block_ids: list[int]
+    num_tokens: int
+    channel: _Channel
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    received: int = 0
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class _Channel:
+    """The receiving end of one prefill worker's channel and the transfers expected on it."""
+
+    prefill_id: str
+    epoch: int
+    kv: KVChannel | None = None
+    expected: int = 0
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    alive: bool = True
+
+
+@dataclass
+class _RequestInfo:
+    prompt_tokens: int
+    completion_tokens: int = 0
+    timings: Timings = field(default_factory=Timings)
+
+
+class DecodeService:
+    def __init__(
+        self, worker_id: str, config: EngineConfig, host: str, transfer_timeout_s: float
+    ) -> None:
+        self.worker_id = worker_id
+        self.engine = LLMEngine(config)
+        self.host = host
+        self.timeout_s = transfer_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._stream: asyncio.Queue[StepOutputs] = asyncio.Queue()
+        self._outbox: list[TokenDelta] = []
+        self._channels: dict[str, _Channel] = {}
+        self._reservations: dict[str, Reservation] = {}
+        self._by_transfer: dict[int, Reservation] = {}
+        self._requests: dict[str, _RequestInfo] = {}
+        self._transfer_ids = itertools.count(1)
+        self._epochs = itertools.count(1)
+        self.kv_bytes_received = 0
+        self.num_fallbacks = 0
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.create_task(self._step_loop())
+
+    # --- channels -------------------------------------------------------------------------
+
+    async def open_channel(self, prefill_id: str) -> ChannelAddress:
+        """Hosts a new channel for `prefill_id` (replacing any old one) and returns where to
+        join it. The receiver thread starts serving once the prefill side has joined."""
+        old = self._channels.pop(prefill_id, None)
+        if old is not None:
+            self._close_channel(old, "replaced by a new channel")
+        store = KVChannel.host_store(self.host, self.timeout_s)
+        chan = _Channel(prefill_id, next(self._epochs))
+        self._channels[prefill_id] = chan
+        threading.Thread(
+            target=self._serve_channel,
+            args=(chan, store),
+            daemon=True,
+            name=f"kv-recv-{prefill_id}",
+        ).start()
+        return ChannelAddress(self.host, store.port, chan.epoch)
+
+    def _serve_channel(self, chan: _Channel, store) -> None:
+        try:
+            chan.kv = KVChannel.join(
+                self.host, store.port, RECEIVER, self.engine.device, self.timeout_s, store
+            )
+            while True:
+                with chan.cond:
+                    chan.cond.wait_for(lambda: chan.expected > 0 or not chan.alive)
+                    if not chan.alive:
+                        return
+                self._handle(chan, chan.kv.recv())
+        except Exception as e:  # any failure ends this channel; its transfers fall back
+            logger.warning("KV channel from %s failed: %s", chan.prefill_id, e)
+            self._call_soon(self._close_channel, chan, str(e))
+        finally:
+            if chan.kv is not None:
+                self._call_soon(self._count_bytes, chan.kv)
+
+    def _handle(self, chan: _Channel, msg: Message) -> None:
+        """Runs on the receiver thread."""
+        res = self._by_transfer.get(msg.transfer_id)
+        if res is not None and res.channel is not chan:
+            res = None
+        if msg.kind == KIND_KV:
+            if res is None:
+                return
+            with res.lock:
+                if not res.closed:
+                    n = msg.payload.shape[0]
+                    slots = token_slots(
+                        res.block_ids,
+                        self.engine.config.block_size,
+                        msg.token_start,
+                        msg.token_start + n,
+                        self.engine.device,
+                    )
+                    scatter_tokens(self.engine.kv_cache, msg.layer, slots, slice(None), msg.payload)
+                    res.received += n
+            return
+        with chan.cond:
+            chan.expected -= 1
+        if res is not None and msg.kind == KIND_DONE:
+            self._call_soon(self._admit, res, msg)
+        elif res is not None and msg.kind == KIND_CANCEL:
+            self._call_soon(self._release, res)
+
+    def _call_soon(self, fn, *args) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _count_bytes(self, kv: KVChannel) -> None:
+        self.kv_bytes_received += kv.bytes_received
+
+    def _close_channel(self, chan: _Channel, reason: str) -> None:
+        """Every transfer still expected on the channel falls back to local prefill."""
+        with chan.cond:
+            chan.alive = False
+            chan.cond.notify_all()
+        if self._channels.get(chan.prefill_id) is chan:
+            del self._channels[chan.prefill_id]
+        if chan.kv is not None and not chan.kv.broken:
+            chan.kv.close()
+        for res in [r for r in self._reservations.values() if r.channel is chan]:
+            self._fall_back(res, reason)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def reserve(self, req: PrefillRequest, prefill_id: str, epoch: int) -> ReserveReply:
+        chan = self._channels.get(prefill_id)
+        if chan is None or chan.epoch != epoch or not chan.alive:
+            return ReserveReply(stale_channel=True)
+        try:
+            tokens = self.engine.check_request(
+                req.request_id, req.prompt_token_ids, req.output_token_ids
+            )
+            if req.request_id in self._reservations:
+                raise PdserveError(f"request {req.request_id!r} already has a reservation")
+            num_blocks = self.engine.scheduler.blocks_needed(len(tokens))
+            blocks = self.engine.pool.allocate(num_blocks)
+        except PdserveError as e:
+            return ReserveReply(error_code=e.grpc_code, error=str(e))
+        res = Reservation(next(self._transfer_ids), req, blocks, len(tokens), chan)
+        self._reservations[req.request_id] = res
+        self._by_transfer[res.transfer_id] = res
+        self._requests[req.request_id] = _RequestInfo(len(req.prompt_token_ids))
+        with chan.cond:
+            chan.expected += 1
+            chan.cond.notify_all()
+        return ReserveReply(transfer_id=res.transfer_id, cached_tokens=0)
+
+    def _admit(self, res: Reservation, msg: Message) -> None:
+        """The transfer is complete: the request joins the running batch with its first token."""
+        if self._reservations.get(res.request.request_id) is not res:
+            return
+        with res.lock:
+            complete = res.received == res.num_tokens * self.engine.model_config.num_layers
+            if not complete:
+                self._fall_back(res, f"incomplete transfer ({res.received} token-layers)")
+                return
+            res.closed = True
+        self._forget(res)
+        values = msg.payload.tolist()
+        queue_s, prefill_s, transfer_s, logprob = values[:4]
+        top = values[4:]
+        req = res.request
+        lp = None
+        if req.params.logprobs is not None:
+            n = len(top) // 2
+            lp = TokenLogprobs(
+                msg.first_token, logprob, tuple((int(t), v) for t, v in zip(top[:n], top[n:]))
+            )
+        info = self._requests[req.request_id]
+        info.timings = Timings(queue_s=queue_s, prefill_s=prefill_s, transfer_s=transfer_s)
+        out = self.engine.add_prefilled(
+            req.request_id,
+            req.prompt_token_ids,
+            req.params,
+            res.block_ids,
+            msg.first_token,
+            lp,
+            req.output_token_ids,
+        )
+        self._emit([out])
+
+    def _fall_back(self, res: Reservation, reason: str) -> None:
+        """Frees the reservation and prefills the request here instead."""
+        rid = res.request.request_id
+        with res.lock:
+            if res.closed:
+                return
+            res.closed = True
+            self.engine.pool.free(res.block_ids)
+        self._forget(res)
+        self.num_fallbacks += 1
+        logger.warning("request %s: KV transfer failed (%s); prefilling locally", rid, reason)
+        req = res.request
+        self.engine.add_request(rid, req.prompt_token_ids, req.params, req.output_token_ids)
+        self._wake.set()
+
+    def _release(self, res: Reservation) -> None:
+        with res.lock:
+            if res.closed:
+                return
+            res.closed = True
+            self.engine.pool.free(res.block_ids)
+        self._forget(res)
+        self._requests.pop(res.request.request_id, None)
+
+    def _forget(self, res: Reservation) -> None:
+        self._reservations.pop(res.request.request_id, None)
+        self._by_transfer.pop(res.transfer_id, None)
+
+    async def abort(self, request_id: str) -> bool:
+        res = self._reservations.get(request_id)
+        if res is not None:
+            self._release(res)
+            return True
+        self._requests.pop(request_id, None)
+        return self.engine.abort(request_id)
+
+    # --- the step loop and the token stream -------------------------------------------------
+
+    def _emit(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            info = self._requests.get(out.request_id)
+            usage = timings = None
+            if info is not None:
+                info.completion_tokens += len(out.new_token_ids)
+                if out.finished:
+                    del self._requests[out.request_id]
+                    usage = Usage(info.prompt_tokens, 0, info.completion_tokens)
+                    timings = info.timings
+            self._outbox.append(
+                TokenDelta(
+                    out.request_id,
+                    out.new_token_ids,
+                    (out.logprobs,) if out.logprobs is not None else (),
+                    out.finish_reason if out.finished else None,
+                    usage,
+                    timings,
+                )
+            )
+        self._wake.set()
+
+    async def _step_loop(self) -> None:
+        while True:
+            if self._outbox:
+                self._stream.put_nowait(StepOutputs(self.worker_id, tuple(self._outbox)))
+                self._outbox = []
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                self._emit(self.engine.step())
+            except Exception:
+                logger.exception("decode step failed")
+                raise
+            await asyncio.sleep(0)
+
+    async def stream(self) -> AsyncIterator[StepOutputs]:
+        while True:
+            yield await self._stream.get()
+
+    async def status(self) -> WorkerStatus:
+        e = self.engine
+        live = sum(c.kv.bytes_received for c in self._channels.values() if c.kv is not None)
+        return WorkerStatus(
+            worker_id=self.worker_id,
+            role="decode",
+            tp=1,
+            running=e.num_running,
+            waiting=len(e.scheduler.waiting) + len(self._reservations),
+            free_blocks=e.pool.num_free,
+            total_blocks=e.pool.num_blocks,
+            prompt_tokens_computed=e.num_prompt_tokens_computed,
+            kv_bytes_received=self.kv_bytes_received + live,
+        )

@@ -1,0 +1,280 @@
+"""The prefill worker: batches prompts, computes their KV, ships it to decode workers.
+
+Prompts are batched by the engine's scheduler under its token budget (long prompts are
+chunked), and the engine samples the first token. While a step runs, each layer's KV of each
+request is gathered and sent (isend) as soon as that layer is done, so the transfer overlaps
+the following layers; the DONE message with the first token closes a transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pdserve.api.errors import PdserveError, TransferFailed
+from pdserve.api.messages import ChannelAddress, PrefillRequest, PrefillResult, WorkerStatus
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_transfer import SENDER, KVChannel, gather_tokens, token_slots
+from pdserve.engine.llm_engine import LLMEngine, StepOutput
+from pdserve.engine.scheduler import ScheduledSeq
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Channel:
+    kv: KVChannel
+    epoch: int
+    fail_after_messages: int | None = None
+
+
+@dataclass(eq=False)
+class _Transfer:
+    request: PrefillRequest
+    transfer_id: int
+    channel: _Channel
+    cached_tokens: int
+    done: asyncio.Future
+    arrived: float
+    started: float | None = None
+    transfer_s: float = 0.0
+    failed: bool = False
+
+
+class PrefillService:
+    """`decode_handle(worker_id)` returns the Ray handle of a decode worker (its leader rank)."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        config: EngineConfig,
+        transfer_timeout_s: float,
+        decode_handle: Callable[[str], object],
+    ) -> None:
+        self.worker_id = worker_id
+        self.engine = LLMEngine(config)
+        self.timeout_s = transfer_timeout_s
+        self._decode_handle = decode_handle
+        self._channels: dict[str, _Channel] = {}
+        self._opening: dict[str, asyncio.Task] = {}
+        self._transfers: dict[str, _Transfer] = {}
+        self._aborted: set[str] = set()
+        self._wake = asyncio.Event()
+        self.kv_bytes_sent = 0
+
+    async def start(self) -> None:
+        asyncio.get_running_loop().create_task(self._step_loop())
+
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+        arrived = time.monotonic()
+        try:
+            self.engine.check_request(req.request_id, req.prompt_token_ids, req.output_token_ids)
+            transfer = await self._reserve(req, arrived)
+        except PdserveError as e:
+            return PrefillResult(req.request_id, False, e.grpc_code, str(e))
+        if req.request_id in self._aborted:
+            self._aborted.discard(req.request_id)
+            self._cancel(transfer)
+            return PrefillResult(req.request_id, False, "CANCELLED", "aborted")
+        self._transfers[req.request_id] = transfer
+        # The prefill engine only samples the first token; the decode worker does the rest.
+        first_only = dataclasses.replace(req.params, max_tokens=1)
+        self.engine.add_request(
+            req.request_id, req.prompt_token_ids, first_only, req.output_token_ids
+        )
+        self._wake.set()
+        return await transfer.done
+
+    async def _reserve(self, req: PrefillRequest, arrived: float) -> _Transfer:
+        decode = self._decode_handle(req.decode_worker)
+        for _ in range(2):
+            chan = await self._channel(req.decode_worker)
+            reply = await decode.reserve.remote(req, self.worker_id, chan.epoch)
+            if not reply.stale_channel:
+                break
+            self._drop_channel(req.decode_worker, chan)
+        else:
+            raise TransferFailed(f"no usable KV channel to {req.decode_worker}")
+        if reply.error_code:
+            raise _RemoteError(reply.error_code, reply.error or "")
+        future = asyncio.get_running_loop().create_future()
+        return _Transfer(req, reply.transfer_id, chan, reply.cached_tokens, future, arrived)
+
+    async def _channel(self, decode_id: str) -> _Channel:
+        chan = self._channels.get(decode_id)
+        if chan is not None and not chan.kv.broken:
+            return chan
+        task = self._opening.get(decode_id)
+        if task is None:
+            task = asyncio.ensure_future(self._open(decode_id))
+            self._opening[decode_id] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._opening.pop(decode_id, None)
+
+    async def _open(self, decode_id: str) -> _Channel:
+        addr: ChannelAddress = await self._decode_handle(decode_id).open_channel.remote(
+            self.worker_id
+        )
+        kv = await asyncio.to_thread(
+            KVChannel.join, addr.host, addr.port, SENDER, self.engine.device, self.timeout_s
+        )
+        chan = _Channel(kv, addr.epoch)
+        self._channels[decode_id] = chan
+        logger.info("KV channel to %s open (epoch %d)", decode_id, addr.epoch)
+        return chan
+
+    def _drop_channel(self, decode_id: str, chan: _Channel) -> None:
+        self.kv_bytes_sent += chan.kv.bytes_sent
+        chan.kv.close()
+        if self._channels.get(decode_id) is chan:
+            del self._channels[decode_id]
+
+    async def abort(self, request_id: str) -> bool:
+        transfer = self._transfers.pop(request_id, None)
+        if transfer is None:
+            # NOTE: the request may still be waiting for its reservation; remember the abort.
+            self._aborted.add(request_id)
+            return False
+        self.engine.abort(request_id)
+        self._cancel(transfer)
+        transfer.done.set_result(PrefillResult(request_id, False, "CANCELLED", "aborted"))
+        return True
+
+    def _cancel(self, transfer: _Transfer) -> None:
+        try:
+            transfer.channel.kv.send_cancel(transfer.transfer_id)
+            transfer.channel.kv.flush()
+        except TransferFailed as e:
+            logger.warning("could not cancel transfer %d: %s", transfer.transfer_id, e)
+
+    def inject_fault(self, decode_id: str, after_messages: int) -> None:
+        """Chaos hook: close the channel to `decode_id` after it sends `after_messages` more
+        messages, as a dying link would, mid-transfer."""
+        chan = self._channels.get(decode_id)
+        if chan is None:
+            raise KeyError(f"no KV channel to {decode_id}")
+        chan.fail_after_messages = after_messages
+
+    # --- the step loop ----------------------------------------------------------------------
+
+    async def _step_loop(self) -> None:
+        while True:
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outputs = self.engine.step(self._ship_layer)
+            except Exception:
+                logger.exception("prefill step failed")
+                raise
+            self._flush_channels()
+            for out in outputs:
+                self._finish(out)
+            await asyncio.sleep(0)
+
+    def _ship_layer(self, scheduled: list[ScheduledSeq], layer: int) -> None:
+        """Runs inside the forward pass, right after `layer` wrote its KV."""
+        now = time.monotonic()
+        for item in scheduled:
+            seq = item.seq
+            t = self._transfers.get(seq.request_id)
+            if t is None or t.failed:
+                continue
+            if t.started is None:
+                t.started = now
+            start = max(seq.num_computed, t.cached_tokens)
+            end = seq.num_computed + item.num_tokens
+            if start >= end:
+                continue
+            slots = token_slots(
+                seq.block_ids, self.engine.config.block_size, start, end, self.engine.device
+            )
+            payload = gather_tokens(self.engine.kv_cache, layer, slots, slice(None))
+            self._send(t, KVChannel.send_kv, t.transfer_id, layer, start, payload)
+
+    def _send(self, t: _Transfer, op: Callable[..., None], *args) -> None:
+        chan = t.channel
+        try:
+            if chan.fail_after_messages is not None:
+                if chan.fail_after_messages <= 0:
+                    chan.kv.close()
+                    raise TransferFailed("channel closed by an injected fault")
+                chan.fail_after_messages -= 1
+            op(chan.kv, *args)
+        except TransferFailed as e:
+            logger.warning("request %s: KV send failed: %s", t.request.request_id, e)
+            t.failed = True
+
+    def _flush_channels(self) -> None:
+        t0 = time.monotonic()
+        channels = {id(t.channel): t.channel for t in self._transfers.values() if not t.failed}
+        for chan in channels.values():
+            try:
+                chan.kv.flush()
+            except TransferFailed as e:
+                logger.warning("KV channel flush failed: %s", e)
+                for t in self._transfers.values():
+                    if t.channel is chan:
+                        t.failed = True
+        elapsed = time.monotonic() - t0
+        for t in self._transfers.values():
+            t.transfer_s += elapsed
+
+    def _finish(self, out: StepOutput) -> None:
+        """The first token is sampled: close the transfer with DONE and answer the caller.
+
+        A failed transfer still answers ok: the decode worker notices the broken channel and
+        prefills the request itself, so the router gets its tokens either way."""
+        t = self._transfers.pop(out.request_id, None)
+        if t is None:
+            return
+        now = time.monotonic()
+        started = t.started or now
+        lp = out.logprobs
+        values = [
+            started - t.arrived,
+            now - started,
+            t.transfer_s,
+            lp.logprob if lp is not None else 0.0,
+        ]
+        if lp is not None and lp.top:
+            values += [float(tok) for tok, _ in lp.top] + [v for _, v in lp.top]
+        if not t.failed:
+            self._send(t, KVChannel.send_done, t.transfer_id, out.new_token_ids[0], values)
+            try:
+                t.channel.kv.flush()
+            except TransferFailed as e:
+                logger.warning("request %s: DONE not delivered: %s", out.request_id, e)
+        if not t.done.done():
+            t.done.set_result(PrefillResult(out.request_id, True))
+
+    async def status(self) -> WorkerStatus:
+        e = self.engine
+        live = sum(c.kv.bytes_sent for c in self._channels.values())
+        return WorkerStatus(
+            worker_id=self.worker_id,
+            role="prefill",
+            tp=1,
+            running=e.num_running,
+            waiting=len(e.scheduler.waiting),
+            free_blocks=e.pool.num_free,
+            total_blocks=e.pool.num_blocks,
+            prompt_tokens_computed=e.num_prompt_tokens_computed,
+            kv_bytes_sent=self.kv_bytes_sent + live,
+        )
+
+
+class _RemoteError(PdserveError):
+    """An error a decode worker reported, carrying its gRPC status name."""
+
+    def __init__(self, grpc_code: str, message: str) -> None:
+        super().__init__(message)
+        self.grpc_code = grpc_code
