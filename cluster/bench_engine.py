@@ -7,6 +7,7 @@ import json
 import time
 
 import torch
+
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine

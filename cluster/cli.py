@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 
 from pdserve.api.errors import PdserveError
 
@@ -66,6 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.model:
         raise SystemExit("generate: give --model DIR or --server HOST:PORT")
     import torch
+
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm import LLM
 
@@ -87,6 +90,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     else:
         print(args.prompt + c.text)
+    return 0
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "local.yaml"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pdserve.cluster.config import load_config
+    from pdserve.cluster.launcher import serve_forever
+
+    config = load_config(args.config or DEFAULT_CONFIG)
+    if args.listen:
+        config = dataclasses.replace(
+            config, router=dataclasses.replace(config.router, listen=args.listen)
+        )
+    if args.config is None and not Path(config.model, "config.json").exists():
+        from pdserve.cluster.tiny_model import make_tiny_model
+
+        make_tiny_model(config.model)
+        print(f"created the tiny demo model in {config.model}")
+    host = config.router.listen.rpartition(":")[0]
+
+    def ready(port: int) -> None:
+        print(f"pdserve: serving {config.model} on {host}:{port} (Ctrl-C stops)", flush=True)
+
+    asyncio.run(serve_forever(config, args.address, ready))
     return 0
 
 
@@ -128,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="run the router and workers until SIGINT/SIGTERM")
+    p.add_argument("--config", help="cluster YAML (default: deploy/local.yaml)")
+    p.add_argument("--address", help="Ray address to join (default: start Ray locally)")
+    p.add_argument("--listen", help="override router.listen (HOST:PORT)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-engine", help="throughput of one in-process engine")
     p.add_argument("--model", required=True)

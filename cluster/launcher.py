@@ -185,3 +185,28 @@ class BackgroundCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+async def serve_forever(config: ClusterConfig, address: str | None, on_ready=None) -> None:
+    """The `pdserve serve` main loop: runs until SIGINT or SIGTERM, then stops the router
+    and every worker it started."""
+    import signal
+
+    import ray
+
+    start_ray(config, address)
+    workers = launch_workers(config)
+    try:
+        router, port = await start_router(config, workers)
+        if on_ready is not None:
+            on_ready(port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await router.stop(5.0)
+    finally:
+        stop_workers(workers)
+        if not address:
+            ray.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from engine_helpers import GREEDY, generate, make_engine, run_all
+
 from pdserve.api.sampling import SamplingParams
 
 

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from engine_helpers import make_engine
+
 from pdserve.api.errors import InvalidRequest, ModelLoadError
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import ModelConfig

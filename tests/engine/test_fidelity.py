@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_helpers import generate, hf_greedy, make_engine
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.engine.sequence import Sequence
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 MODELS = ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_llama3_rope_dir"]
 PROMPT_LENGTHS = [1, 5, 16, 17, 33, 64, 100, 250]

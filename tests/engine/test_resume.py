@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine_helpers import make_engine, run_all
+
 from pdserve.api.sampling import SamplingParams
 
 PARAMS = SamplingParams(

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.stats import chisquare
+
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.sampler import apply_penalties, sample
 from pdserve.engine.sequence import Sequence
-from scipy.stats import chisquare
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
 DRAWS = 10_000
