@@ -35,7 +35,10 @@ def start_ray(config: ClusterConfig, address: str | None) -> None:
     ray.init(
         namespace=NAMESPACE,
         include_dashboard=False,
-        resources={"prefill": config.prefill.workers, "decode": config.decode.workers},
+        resources={
+            "prefill": config.prefill.workers * config.prefill.tp,
+            "decode": config.decode.workers * config.decode.tp,
+        },
         log_to_driver=True,
     )
 
@@ -64,11 +67,12 @@ def _engine_config(config: ClusterConfig, role: str) -> EngineConfig:
 
 
 def _placement(config: ClusterConfig, role: str) -> dict[str, Any]:
-    """GPU workers take GPUs; CPU workers take the custom resource of their role (with
-    num_cpus=0, since actors asking for more CPUs than exist stay pending forever)."""
-    if config.device.startswith("cuda"):
-        return {"num_gpus": getattr(config, role).tp, "num_cpus": 0}
-    return {"num_cpus": 0, "resources": {role: 1}}
+    """A worker of TP size n takes n units of its role's resource (`prefill` or `decode`, which
+    node types advertise), and n GPUs on CUDA. On CPU it asks num_cpus=0: actors asking for
+    more CPUs than exist stay pending forever."""
+    tp = getattr(config, role).tp
+    gpus = tp if config.device.startswith("cuda") else 0
+    return {"num_cpus": 0, "num_gpus": gpus, "resources": {role: tp}}
 
 
 def launch_workers(config: ClusterConfig) -> Workers:
