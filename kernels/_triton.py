@@ -7,6 +7,7 @@ to the first launch, and ``import pdserve.kernels`` also works where triton cann
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Callable
@@ -39,6 +40,24 @@ def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _prepare_interpreter() -> None:
+    """Re-decorate triton's own helpers (``tl.max``, ``tl.sum``, ...) for the interpreter.
+
+    NOTE: triton decorates them when it is first imported. If that happened before
+    TRITON_INTERPRET=1 was set (the engine or transformers imported triton first, as in a
+    full test run), the interpreter cannot call them, so their modules are imported again.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.max, InterpretedFunction):
+        importlib.reload(tl.standard)
+        importlib.reload(tl)
+
+
 class lazy_jit:  # noqa: N801 - used as a decorator, like triton.jit
     """``triton.jit`` applied at the first launch instead of at import."""
 
@@ -50,5 +69,7 @@ class lazy_jit:  # noqa: N801 - used as a decorator, like triton.jit
         if self._jitted is None:
             if triton is None:
                 raise RuntimeError(f"{self.fn.__name__} needs triton, which failed to import")
+            if _interpreting():
+                _prepare_interpreter()
             self._jitted = triton.jit(self.fn)
         return self._jitted[grid]

@@ -6,6 +6,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
 from pdserve.kernels._triton import LOG2_E, cdiv, lazy_jit, next_pow2, tl, use_triton
 
 MIN_SPLIT = 256
@@ -59,13 +60,13 @@ def _decode_attention_kernel(
     stride_bt,
     num_heads,
     head_dim,
-    block_size,
     group,
     split_len,
     num_splits,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    KV_BLOCK_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One program: one KV head of one sequence over one KV range (split).
@@ -102,8 +103,8 @@ def _decode_attention_kernel(
     for n_start in range(start, end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        page = tl.load(table + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
-        kv_offset = page * stride_cb + (offs_n % block_size) * stride_cs + kv_head_offset
+        page = tl.load(table + offs_n // KV_BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_offset = page * stride_cb + (offs_n % KV_BLOCK_SIZE) * stride_cs + kv_head_offset
         k = tl.load(
             k_cache_ptr + kv_offset[None, :] + offs_d[:, None],
             mask=n_mask[None, :] & d_mask[:, None],
@@ -171,6 +172,13 @@ def _decode_reduce_kernel(
     )
 
 
+def launch_config(on_gpu: bool) -> dict[str, int]:
+    """KV tile and warps of the split kernel: GPU-sized, or small for the interpreter."""
+    if not on_gpu:
+        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
 @functools.cache
 def _program_target(device: torch.device) -> int:
     """How many attention programs fill the device: two waves of SMs (a few on CPU)."""
@@ -179,7 +187,7 @@ def _program_target(device: torch.device) -> int:
     return 4
 
 
-def _num_splits(q: torch.Tensor, num_kv_heads: int, max_len: int, block_n: int) -> int:
+def _num_splits(q: torch.Tensor, num_kv_heads: int, max_len: int) -> int:
     """Split KV so that few long sequences still fill the device, never below MIN_SPLIT."""
     wanted = cdiv(_program_target(q.device), q.shape[0] * num_kv_heads)
     return max(1, min(wanted, cdiv(max_len, MIN_SPLIT)))
@@ -209,9 +217,10 @@ def decode_attention_triton(
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     q = q if q.stride(-1) == 1 else q.contiguous()
     group = num_heads // num_kv_heads
-    block_n, num_warps, num_stages = (64, 4, 3) if q.is_cuda else (32, 4, 1)
+    config = launch_config(q.is_cuda)
+    block_n = config["BLOCK_N"]
     max_len = block_tables.shape[1] * block_size
-    num_splits = num_splits or _num_splits(q, num_kv_heads, max_len, block_n)
+    num_splits = num_splits or _num_splits(q, num_kv_heads, max_len)
     split_len = cdiv(cdiv(max_len, num_splits), block_n) * block_n
     num_splits = cdiv(max_len, split_len)
     part_out = torch.empty(
@@ -235,16 +244,14 @@ def decode_attention_triton(
         block_tables.stride(0),
         num_heads,
         head_dim,
-        block_size,
         group,
         split_len,
         num_splits,
         BLOCK_G=max(16, next_pow2(group)),
-        BLOCK_N=block_n,
         BLOCK_D=next_pow2(head_dim),
+        KV_BLOCK_SIZE=block_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
-        num_stages=num_stages,
+        **config,
     )
     _decode_reduce_kernel[(batch, num_heads)](
         part_out,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from pdserve.kernels._triton import lazy_jit, next_pow2, tl, use_triton
 
 

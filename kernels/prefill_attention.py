@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from pdserve.kernels._triton import LOG2_E, cdiv, lazy_jit, next_pow2, tl, use_triton
 
 
@@ -72,11 +73,11 @@ def _prefill_attention_kernel(
     stride_bt,
     num_q_blocks,
     head_dim,
-    block_size,
     group,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    KV_BLOCK_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_M new tokens of one sequence, one query head.
@@ -116,8 +117,8 @@ def _prefill_attention_kernel(
     for n_start in range(0, kv_end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < seq_len
-        page = tl.load(table + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
-        kv_offset = page * stride_cb + (offs_n % block_size) * stride_cs + kv_head_offset
+        page = tl.load(table + offs_n // KV_BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_offset = page * stride_cb + (offs_n % KV_BLOCK_SIZE) * stride_cs + kv_head_offset
         k = tl.load(
             k_cache_ptr + kv_offset[None, :] + offs_d[:, None],
             mask=n_mask[None, :] & d_mask[:, None],
@@ -148,13 +149,12 @@ def _prefill_attention_kernel(
     )
 
 
-def _tiles(q: torch.Tensor, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): GPU tiles, or small ones for the interpreter."""
-    if not q.is_cuda:
-        return 32, 32, 4, 1
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 3
+def launch_config(head_dim: int, on_gpu: bool) -> dict[str, int]:
+    """Tiles and warps: sized for H100 on a GPU (no register spills at sm_90), small for the
+    interpreter, whose cost grows with programs x loop steps."""
+    if not on_gpu:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 3}
 
 
 def prefill_attention_triton(
@@ -173,9 +173,9 @@ def prefill_attention_triton(
         return out
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     q = q if q.stride(-1) == 1 else q.contiguous()
-    block_m, block_n, num_warps, num_stages = _tiles(q, head_dim)
+    config = launch_config(head_dim, q.is_cuda)
     max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    num_q_blocks = cdiv(max_q_len, block_m)
+    num_q_blocks = cdiv(max_q_len, config["BLOCK_M"])
     _prefill_attention_kernel[(num_heads, num_q_blocks, batch)](
         q,
         k_cache,
@@ -195,14 +195,11 @@ def prefill_attention_triton(
         block_tables.stride(0),
         num_q_blocks,
         head_dim,
-        k_cache.shape[2],
         num_heads // k_cache.shape[1],
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
         BLOCK_D=next_pow2(head_dim),
+        KV_BLOCK_SIZE=k_cache.shape[2],
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
-        num_stages=num_stages,
+        **config,
     )
     return out
 

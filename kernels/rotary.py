@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+
 from pdserve.kernels._triton import lazy_jit, next_pow2, tl, use_triton
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdserve.kernels.decode_attention import decode_attention_ref, decode_attention_triton
 from pdserve.kernels.prefill_attention import prefill_attention_ref
 

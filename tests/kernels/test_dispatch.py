@@ -4,9 +4,10 @@ import importlib
 import subprocess
 import sys
 
-import pdserve.kernels as kernels
 import pytest
 import torch
+
+import pdserve.kernels as kernels
 from pdserve.kernels import rope_cos_sin_cache
 
 pytestmark = pytest.mark.kernels

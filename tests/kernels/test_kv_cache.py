@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdserve.kernels.kv_cache import write_kv_cache_ref, write_kv_cache_triton
 
 pytestmark = pytest.mark.kernels

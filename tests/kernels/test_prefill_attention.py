@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdserve.kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
 
 pytestmark = pytest.mark.kernels

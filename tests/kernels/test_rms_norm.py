@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdserve.kernels.rms_norm import rms_norm_ref, rms_norm_triton
 
 pytestmark = pytest.mark.kernels

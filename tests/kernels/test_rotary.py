@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pdserve.kernels.rotary import (
     rope_cos_sin_cache,
     rotary_embedding_ref,
