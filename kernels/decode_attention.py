@@ -24,10 +24,13 @@ def decode_attention_ref(
     """Batched over all sequences: KV padded to the longest one, padding masked out."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
-    tables = block_tables[:, : cdiv(int(seq_lens.max()), block_size)]
-    # One gather copy each: [KVH, B, blocks, block_size, D], viewed as [B, KVH, len, D].
-    k = k_cache.transpose(0, 1)[:, tables].transpose(0, 1).flatten(2, 3)
-    v = v_cache.transpose(0, 1)[:, tables].transpose(0, 1).flatten(2, 3)
+    num_blocks = cdiv(int(seq_lens.max()), block_size)
+    blocks = block_tables[:, :num_blocks].reshape(-1)
+    # One gather copy each ([KVH, B * blocks, block_size, D]; index_select is the fast
+    # gather on CPU), viewed as [B, KVH, len, D].
+    shape = (num_kv_heads, batch, num_blocks * block_size, head_dim)
+    k = k_cache.transpose(0, 1).index_select(1, blocks).view(shape).transpose(0, 1)
+    v = v_cache.transpose(0, 1).index_select(1, blocks).view(shape).transpose(0, 1)
     valid = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]
     # NOTE: slots past seq_len hold stale or uninitialized data, and a masked score still
     # multiplies its value (0 * NaN = NaN), so those rows are zeroed in the gathered copy.

@@ -15,10 +15,10 @@ from pdserve.kernels._triton import LOG2_E, cdiv, lazy_jit, next_pow2, tl, use_t
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """One sequence's ``[KVH, seq_len, D]`` keys or values, gathered from its blocks."""
-    num_blocks, num_kv_heads, block_size, head_dim = cache.shape
+    _, num_kv_heads, block_size, head_dim = cache.shape
     blocks = block_table[: cdiv(seq_len, block_size)]
-    kv = cache[blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
-    return kv[:, :seq_len]
+    kv = cache.transpose(0, 1).index_select(1, blocks)
+    return kv.view(num_kv_heads, -1, head_dim)[:, :seq_len]
 
 
 def prefill_attention_ref(

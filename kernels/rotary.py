@@ -59,16 +59,15 @@ def rope_cos_sin_cache(
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)``, bit for bit, on the halves."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def rotary_embedding_ref(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
-    cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(q.dtype)
-    sin = torch.cat((sin, sin), dim=-1)[:, None, :].to(q.dtype)
+    cos, sin = cos_sin_cache.index_select(0, positions).to(q.dtype)[:, None, :].chunk(2, dim=-1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
