@@ -1,0 +1,161 @@
+"""The disaggregated path end to end: gRPC router, Ray prefill and decode workers, KV over gloo."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from cluster_helpers import kv_bytes, wait_until_idle, worker_status
+from engine_helpers import hf_greedy
+from transformers import AutoModelForCausalLM
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+def _prompts(n: int, seed: int = 3) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1000, (3 + 23 * i,), generator=g).tolist() for i in range(n)]
+
+
+def test_concurrent_clients_get_transformers_tokens_through_the_kv_channel(
+    cluster, client, hf_model
+):
+    prompts = _prompts(16)
+    before = worker_status(cluster, "decode-0")
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        results[i] = client.complete(
+            prompts[i], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True
+        )
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, prompt in enumerate(prompts):
+        r = results[i]
+        assert r.token_ids == hf_greedy(hf_model, prompt, MAX_TOKENS), f"prompt {i}"
+        assert r.finish_reason == "length"
+        assert r.prompt_token_ids == prompt
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), MAX_TOKENS)
+        assert r.timings["ttft_s"] > 0 and r.timings["total_s"] >= r.timings["ttft_s"]
+        assert r.timings["prefill_s"] > 0
+    after = wait_until_idle(cluster)["decode-0"]
+    assert after.prompt_tokens_computed == before.prompt_tokens_computed, "decode prefilled"
+    received = after.kv_bytes_received - before.kv_bytes_received
+    assert received == kv_bytes(sum(map(len, prompts)))
+
+
+def test_first_token_streams_before_the_last_is_generated(cluster, client):
+    stream = client.generate(_prompts(1)[0], max_tokens=64, temperature=0, ignore_eos=True)
+    first = next(stream)
+    assert len(first.token_ids) >= 1 and not first.finish_reason
+    still_running = worker_status(cluster, "decode-0").running
+    rest = list(stream)
+    assert still_running == 1
+    assert rest and rest[-1].finish_reason == "length"
+    assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 64
+
+
+def _cancel_after(client, prompt, delay_s: float | None, **kwargs):
+    stream = client.generate(prompt, temperature=0, ignore_eos=True, **kwargs)
+    if delay_s is None:
+        next(stream)
+    else:
+        time.sleep(delay_s)
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as e:
+        list(stream)
+    return e.value.code()
+
+
+@pytest.mark.parametrize(
+    ("stage", "prompt_len", "delay_s"),
+    [("queued", 40, 0.0), ("mid-transfer", 1900, 0.3), ("decoding", 40, None)],
+)
+def test_cancellation_at_each_stage_frees_every_block(cluster, client, stage, prompt_len, delay_s):
+    prompt = torch.randint(3, 1000, (prompt_len,)).tolist()
+    code = _cancel_after(client, prompt, delay_s, max_tokens=200)
+    assert code == grpc.StatusCode.CANCELLED
+    for wid, s in wait_until_idle(cluster).items():
+        assert s.free_blocks == s.total_blocks, f"{stage}: {wid} leaked blocks"
+        assert s.running == 0 and s.waiting == 0, f"{stage}: {wid} still busy"
+    # and the cluster still serves
+    assert client.complete([5, 6, 7], max_tokens=2, temperature=0).finish_reason
+
+
+def test_abort_rpc_stops_a_decoding_request(cluster, client):
+    stream = client.generate(
+        _prompts(2)[1], request_id="to-abort", max_tokens=500, temperature=0, ignore_eos=True
+    )
+    next(stream)
+    client.abort("to-abort")
+    messages = list(stream)
+    assert messages[-1].finish_reason == "abort"
+    for s in wait_until_idle(cluster).values():
+        assert s.free_blocks == s.total_blocks and s.running == 0
+    with pytest.raises(grpc.RpcError) as e:
+        client.abort("to-abort")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_failed_transfer_falls_back_and_the_next_crosses_a_rebuilt_channel(
+    cluster, client, hf_model
+):
+    import ray
+
+    prefill = cluster.workers.prefill["prefill-0"]
+    client.complete([9, 8, 7], max_tokens=1, temperature=0)  # the channel exists
+    prompt = _prompts(3, seed=11)[2]
+    ray.get(prefill.inject_fault.remote("decode-0", 3))
+    before = worker_status(cluster, "decode-0")
+    broken = client.complete(prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    assert broken.token_ids == hf_greedy(hf_model, prompt, MAX_TOKENS)
+    middle = wait_until_idle(cluster)["decode-0"]
+    assert middle.prompt_tokens_computed - before.prompt_tokens_computed == len(prompt)
+
+    again = client.complete(prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    assert again.token_ids == broken.token_ids
+    after = wait_until_idle(cluster)["decode-0"]
+    assert after.prompt_tokens_computed == middle.prompt_tokens_computed
+    assert after.kv_bytes_received - middle.kv_bytes_received == kv_bytes(len(prompt))
+    for s in wait_until_idle(cluster).values():
+        assert s.free_blocks == s.total_blocks
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+    ],
+)
+def test_bad_requests_get_invalid_argument_naming_the_field(cluster, client, kwargs, field):
+    with pytest.raises(grpc.RpcError) as e:
+        client.complete([1, 2, 3], **kwargs)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in e.value.details()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "field"), [([], "prompt"), ([5, 1000], "token_ids"), ([7] * 5000, "prompt")]
+)
+def test_bad_prompts_get_invalid_argument(cluster, client, prompt, field):
+    with pytest.raises(grpc.RpcError) as e:
+        client.complete(prompt, max_tokens=2)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in e.value.details()
+    assert client.complete([5, 6], max_tokens=1, temperature=0).finish_reason
