@@ -1,0 +1,32 @@
+"""The one place where failures become gRPC status codes.
+
+Every error type in `pdserve.api.errors` names its status code; `RequestFailed` carries a code
+chosen at run time (a worker's answer, a worker that is gone).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from pdserve.api.errors import PdserveError
+
+logger = logging.getLogger(__name__)
+
+
+class RequestFailed(PdserveError):
+    """A request failed with the gRPC status named `code` (e.g. a prefill worker's answer)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        known = code in grpc.StatusCode.__members__ and code != "OK"
+        self.grpc_code = code if known else "INTERNAL"
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for `error`."""
+    if isinstance(error, PdserveError):
+        return grpc.StatusCode[error.grpc_code], str(error)
+    logger.exception("internal error", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"

@@ -1,0 +1,205 @@
+"""The router: one request's path from validation through placement to its token stream.
+
+A `Router` runs inside whatever event loop calls `start` (a test's, or `serve`'s), so
+end-to-end tests can start one beside Ray workers and talk to it over gRPC on the port that
+`start` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.api.errors import CapacityExceeded, InvalidRequest, NotFound
+from pdserve.api.messages import PrefillRequest, TokenDelta
+from pdserve.api.tokenizer import Tokenizer
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.errors import RequestFailed
+from pdserve.router.placement import Assignment, Placer
+from pdserve.router.responses import ResponseBuilder
+from pdserve.router.server import RunningServer, start_server
+from pdserve.router.status import cluster_status
+from pdserve.router.streams import DecodeStreams, Failure
+from pdserve.router.validation import validate
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[pb.GenerateResponse], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class _InFlight:
+    request_id: str
+    assignment: Assignment
+    prefill: asyncio.Task[None] | None = None
+    # Set once the decode worker sent the request's final delta (its blocks are free).
+    decode_finished: bool = False
+    # Set once the router asked both workers to abort (by the Abort RPC or on the way out).
+    aborted: bool = False
+
+
+class Router:
+    """Serves `pdserve.v1.Generation` over the given workers (Ray actor handles by id)."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prefill: Mapping[str, Any],
+        decode: Mapping[str, Any],
+        *,
+        vocab_size: int,
+        max_model_len: int,
+        policy: str = "least_loaded",
+        max_inflight: int = 1024,
+        model_name: str = "",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_inflight = max_inflight
+        self.model_name = model_name
+        self.prefill_workers = dict(prefill)
+        self.decode_workers = dict(decode)
+        self.lost_workers: dict[str, str] = {}
+        self._placer = Placer(policy, prefill, decode)
+        self._streams = DecodeStreams(decode, on_lost=self._on_decode_lost)
+        self._inflight: dict[str, _InFlight] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._server: RunningServer | None = None
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    async def start(self, listen: str) -> int:
+        """Starts consuming the decode workers' streams and serving on `listen` (host:port;
+        port 0 picks a free one). Returns the bound port."""
+        self._server = await start_server(self, listen)
+        self._streams.start()
+        return self._server.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Lets RPCs in flight finish for `grace` seconds, cancels the rest (aborting their
+        requests on the workers), then stops consuming streams."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._streams.stop()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def generate(self, request: pb.GenerateRequest, send: Send) -> None:
+        """Runs one request, calling `send` for each response message; raises a
+        `PdserveError` to end the RPC with its status code."""
+        arrival, arrival_wall = time.monotonic(), time.time()
+        if len(self._inflight) >= self.max_inflight:
+            raise CapacityExceeded(
+                f"{len(self._inflight)} requests in flight; the router takes {self.max_inflight}"
+            )
+        valid = validate(
+            request, self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len
+        )
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self._inflight:
+            raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
+        params = valid.params
+        if params.seed is None:
+            params = dataclasses.replace(params, seed=random.getrandbits(63))
+        flight = _InFlight(request_id, self._placer.place())
+        queue = self._streams.register(request_id, flight.assignment.decode)
+        self._inflight[request_id] = flight
+        try:
+            builder = ResponseBuilder(
+                request_id, self.tokenizer, valid.prompt_token_ids, params, arrival
+            )
+            prefill_request = PrefillRequest(
+                request_id=request_id,
+                prompt_token_ids=valid.prompt_token_ids,
+                params=params,
+                decode_worker=flight.assignment.decode,
+                arrival_time=arrival_wall,
+            )
+            flight.prefill = asyncio.create_task(self._prefill(flight, prefill_request))
+            while builder.finish_reason is None:
+                event = await queue.get()
+                if isinstance(event, Failure):
+                    raise RequestFailed(event.code, event.message)
+                if event.finish_reason is not None and not flight.aborted:
+                    flight.decode_finished = True
+                if event.finish_reason == "error":
+                    raise RequestFailed("INTERNAL", event.error or "the decode worker failed")
+                await send(builder.on_delta(event))
+        finally:
+            self._finish(flight)
+
+    async def abort(self, request_id: str) -> None:
+        """Ends a request in flight with finish_reason "abort" once both workers freed it."""
+        flight = self._inflight.get(request_id)
+        if flight is None:
+            raise NotFound(f"request_id: no request {request_id!r} is in flight")
+        self._streams.push(request_id, TokenDelta(request_id, (), finish_reason="abort"))
+        await self._abort_on_workers(flight)
+
+    async def cluster_status(self) -> pb.ClusterStatus:
+        return await cluster_status(self)
+
+    async def _prefill(self, flight: _InFlight, request: PrefillRequest) -> None:
+        """Makes the prefill call; a failure reaches the request's queue as a `Failure`."""
+        worker = flight.assignment.prefill
+        try:
+            result = await self.prefill_workers[worker].prefill.remote(request)
+        except Exception as e:
+            failure = Failure("UNAVAILABLE", f"prefill worker {worker}: {type(e).__name__}: {e}")
+        else:
+            failure = None
+            if not result.ok:
+                failure = Failure(result.error_code or "INTERNAL", result.error or "prefill failed")
+        finally:
+            self._placer.prefill_done(flight.assignment)
+        if failure is not None:
+            self._streams.push(flight.request_id, failure)
+
+    def _finish(self, flight: _InFlight) -> None:
+        """Drops the request's state; unless the decode worker finished it, aborts it on the
+        workers in the background (this runs on cancellation too, so it must not wait)."""
+        del self._inflight[flight.request_id]
+        self._streams.unregister(flight.request_id)
+        self._placer.decode_done(flight.assignment)
+        if not flight.decode_finished:
+            self._spawn(self._abort_on_workers(flight))
+        elif flight.prefill is not None:
+            flight.prefill.cancel()
+
+    async def _abort_on_workers(self, flight: _InFlight) -> None:
+        if flight.aborted:
+            return
+        flight.aborted = True
+        calls = [self.decode_workers[flight.assignment.decode].abort.remote(flight.request_id)]
+        if flight.prefill is not None and not flight.prefill.done():
+            flight.prefill.cancel()
+            calls.append(
+                self.prefill_workers[flight.assignment.prefill].abort.remote(flight.request_id)
+            )
+        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                logger.warning("abort of %s failed: %s", flight.request_id, outcome)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_decode_lost(self, worker_id: str) -> None:
+        self.lost_workers[worker_id] = "its token stream ended"
+        self._placer.remove_decode(worker_id)

@@ -1,0 +1,109 @@
+"""A `GenerateRequest` becomes prompt token ids and `SamplingParams`, or INVALID_ARGUMENT
+naming the field.
+
+Cheap checks (unknown fields, sampling) come before tokenization, so malformed requests cost
+little.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from pdserve.api.errors import InvalidRequest
+from pdserve.api.sampling import SamplingParams
+from pdserve.api.tokenizer import Tokenizer
+from pdserve.proto import pdserve_pb2 as pb
+
+MAX_REQUEST_ID_LEN = 256
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    skip_special_tokens: bool
+
+
+def validate(
+    request: pb.GenerateRequest, tokenizer: Tokenizer, *, vocab_size: int, max_model_len: int
+) -> ValidRequest:
+    reject_unknown_fields(request)
+    if len(request.request_id) > MAX_REQUEST_ID_LEN:
+        raise InvalidRequest("request_id", f"is longer than {MAX_REQUEST_ID_LEN} characters")
+    params = sampling_params(request.sampling, vocab_size)
+    field = request.WhichOneof("input")
+    if field is None:
+        raise InvalidRequest("input", "set one of text, token_ids or chat")
+    if field == "text":
+        ids = tokenizer.encode(request.text) if request.text else []
+    elif field == "token_ids":
+        ids = list(request.token_ids.ids)
+        _check_token_ids("token_ids.ids", ids, vocab_size)
+    else:
+        ids = chat_token_ids(request.chat, tokenizer)
+    if not ids:
+        raise InvalidRequest(field, "the prompt is empty")
+    if len(ids) >= max_model_len:
+        raise InvalidRequest(
+            field,
+            f"the prompt has {len(ids)} tokens; the model's context holds {max_model_len}, "
+            "including at least one generated token",
+        )
+    skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+    return ValidRequest(tuple(ids), params, skip)
+
+
+def reject_unknown_fields(message: Message, path: str = "") -> None:
+    """Refuses fields this server does not know (sent by a newer client) instead of silently
+    ignoring a setting; checks nested messages too."""
+    unknown = UnknownFieldSet(message)
+    if len(unknown):
+        raise InvalidRequest(
+            path or message.DESCRIPTOR.name,
+            f"field number {unknown[0].field_number} is unknown to this server",
+        )
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        name = f"{path}.{descriptor.name}" if path else descriptor.name
+        if descriptor.is_repeated:
+            for i, item in enumerate(value):
+                reject_unknown_fields(item, f"{name}[{i}]")
+        else:
+            reject_unknown_fields(value, name)
+
+
+def sampling_params(options: pb.SamplingOptions, vocab_size: int) -> SamplingParams:
+    """Unset fields take `SamplingParams`' defaults (proto3 `optional` keeps them apart from
+    zeros). Field names are the same on both sides."""
+    values = {d.name: v for d, v in options.ListFields()}
+    for name in ("stop", "stop_token_ids"):
+        if name in values:
+            values[name] = tuple(values[name])
+    params = SamplingParams.from_dict(values)
+    _check_token_ids("stop_token_ids", params.stop_token_ids, vocab_size)
+    return params
+
+
+def chat_token_ids(chat: pb.Chat, tokenizer: Tokenizer) -> list[int]:
+    """Renders the chat template (which checks the messages) and encodes the result."""
+    messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+    add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    try:
+        return tokenizer.encode_chat(
+            messages, add_generation_prompt=add, continue_final_message=chat.continue_final_message
+        )
+    except InvalidRequest as e:
+        reason = str(e).removeprefix(f"{e.field}: ")
+        raise InvalidRequest(f"chat.{e.field}", reason) from None
+
+
+def _check_token_ids(field: str, ids: list[int] | tuple[int, ...], vocab_size: int) -> None:
+    for i, token_id in enumerate(ids):
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequest(
+                f"{field}[{i}]", f"token id {token_id} is outside the vocabulary [0, {vocab_size})"
+            )

@@ -1,0 +1,62 @@
+"""A real router (gRPC server on loopback) serving from a background event loop.
+
+Routers here have no workers: everything the router decides on its own (validation,
+overload, unknown ids, health, reflection) is checked without starting Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from pdserve.api.tokenizer import Tokenizer
+from pdserve.router.router import Router
+
+MAX_MODEL_LEN = 64
+
+
+class RouterThread:
+    """Runs a `Router` on its own event loop thread; `target` is its HOST:PORT."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        port = self.run(router.start("127.0.0.1:0"))
+        self.target = f"127.0.0.1:{port}"
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
+
+    def stop(self) -> None:
+        self.run(self.router.stop(0.5))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_llama_dir) -> Tokenizer:
+    return Tokenizer.from_model_dir(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def start_router(tokenizer):
+    """Starts a worker-less router; `kwargs` go to `Router`. The caller stops it."""
+
+    def start(**kwargs) -> RouterThread:
+        kwargs.setdefault("vocab_size", tokenizer.vocab_size)
+        kwargs.setdefault("max_model_len", MAX_MODEL_LEN)
+        return RouterThread(Router(tokenizer, {}, {}, model_name="tiny-llama", **kwargs))
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def server(start_router):
+    running = start_router()
+    yield running
+    running.stop()

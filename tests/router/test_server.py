@@ -1,0 +1,242 @@
+"""The router's gRPC face without workers: bad input, overload, unknown ids, health, reflection."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pdserve.api.client import Client, build_request
+from pdserve.proto import pdserve_pb2 as pb
+
+GENERATE = "/pdserve.v1.Generation/Generate"
+
+
+def generate_status(
+    target: str, request: pb.GenerateRequest | bytes
+) -> tuple[grpc.StatusCode, str]:
+    """Sends one request (a message, or raw bytes) and returns the status it ended with."""
+    raw = request if isinstance(request, bytes) else request.SerializeToString()
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_stream(GENERATE, request_serializer=lambda b: b)
+        try:
+            list(call(raw, timeout=10))
+        except grpc.RpcError as e:
+            return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+def long_text(tokenizer, num_tokens: int) -> str:
+    text = "the quick brown fox jumps over the lazy dog " * 4
+    while len(tokenizer.encode(text)) < num_tokens:
+        text += text
+    return text
+
+
+def with_unknown_field(request: pb.GenerateRequest, number: int) -> bytes:
+    """The request as a newer client would send it: plus a varint field this server lacks."""
+    return request.SerializeToString() + bytes([number << 3]) + b"\x01"
+
+
+def sampling(**kwargs) -> pb.GenerateRequest:
+    return build_request("hello", **kwargs)
+
+
+BAD_REQUESTS = {
+    "no input": (pb.GenerateRequest(), "input"),
+    "empty text": (pb.GenerateRequest(text=""), "text"),
+    "empty token ids": (pb.GenerateRequest(token_ids=pb.TokenIds()), "token_ids"),
+    "token id past the vocab": (build_request([1, 2, 1000]), "token_ids.ids[2]"),
+    "negative token id": (build_request([-1]), "token_ids.ids[0]"),
+    "top_p zero": (sampling(top_p=0.0), "top_p"),
+    "top_p above one": (sampling(top_p=1.5), "top_p"),
+    "negative max_tokens": (sampling(max_tokens=-3), "max_tokens"),
+    "zero max_tokens": (sampling(max_tokens=0), "max_tokens"),
+    "negative temperature": (sampling(temperature=-0.5), "temperature"),
+    "nan temperature": (sampling(temperature=float("nan")), "temperature"),
+    "negative top_k": (sampling(top_k=-1), "top_k"),
+    "min_p above one": (sampling(min_p=2.0), "min_p"),
+    "zero repetition_penalty": (sampling(repetition_penalty=0.0), "repetition_penalty"),
+    "presence_penalty too big": (sampling(presence_penalty=3.0), "presence_penalty"),
+    "seed past 63 bits": (sampling(seed=2**64 - 1), "seed"),
+    "empty stop string": (sampling(stop=["a", ""]), "stop"),
+    "stop token past the vocab": (sampling(stop_token_ids=[5, 5000]), "stop_token_ids[1]"),
+    "too many logprobs": (sampling(logprobs=21), "logprobs"),
+    "no chat messages": (pb.GenerateRequest(chat=pb.Chat()), "chat.messages"),
+    "chat role missing": (build_request([{"role": "", "content": "hi"}]), "chat.messages[0].role"),
+    "continue a user message": (
+        build_request([{"role": "user", "content": "hi"}], continue_final_message=True),
+        "chat.messages[0].role",
+    ),
+    "request id too long": (build_request("hi", request_id="x" * 300), "request_id"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_request_is_invalid_argument_naming_the_field(server, name):
+    request, field = BAD_REQUESTS[name]
+    code, details = generate_status(server.target, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.startswith(f"{field}:"), details
+
+
+def test_prompt_that_fills_the_context_is_invalid_argument(server, tokenizer):
+    context = server.router.max_model_len
+    for request, field in [
+        (build_request(list(range(context))), "token_ids"),
+        (build_request(long_text(tokenizer, context)), "text"),
+    ]:
+        code, details = generate_status(server.target, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith(f"{field}:") and str(context) in details
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        (with_unknown_field(build_request("hi"), 15), "GenerateRequest"),
+        (
+            # field 5 (sampling), length-delimited, holding an unknown field 14
+            build_request("hi").SerializeToString() + b"\x2a\x02" + bytes([14 << 3]) + b"\x01",
+            "sampling",
+        ),
+    ],
+)
+def test_unknown_field_from_a_newer_client_is_named_by_number(server, raw, field):
+    code, details = generate_status(server.target, raw)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith(f"{field}:") and "field number 1" in details
+
+
+def test_bytes_that_are_no_request_are_invalid_argument(server):
+    code, details = generate_status(server.target, b"\xff\xff\xff")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("request:")
+
+
+def test_valid_request_without_workers_is_unavailable(server):
+    code, details = generate_status(server.target, build_request("hello", max_tokens=4))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "worker" in details
+
+
+def test_overload_is_resource_exhausted_before_any_work(start_router):
+    full = start_router(max_inflight=0)
+    try:
+        # even a malformed request: the router refuses before it looks at the request
+        for request in (build_request("hello"), pb.GenerateRequest(text="")):
+            code, details = generate_status(full.target, request)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    finally:
+        full.stop()
+
+
+def test_abort_of_an_unknown_request_is_not_found(server):
+    with Client(server.target) as client, pytest.raises(grpc.RpcError) as info:
+        client.abort("no-such-request", timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-request" in info.value.details()
+
+
+def test_cluster_without_workers_is_not_serving(server, tokenizer):
+    with Client(server.target) as client:
+        status = client.status(timeout=10)
+    assert not status.serving
+    assert list(status.workers) == [] and status.inflight == 0
+    assert status.model == "tiny-llama"
+    assert status.vocab_size == tokenizer.vocab_size
+    assert status.max_model_len == server.router.max_model_len
+
+
+def _health(target: str, service: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+@pytest.mark.parametrize("service", ["", "pdserve.v1.Generation"])
+def test_health_service_reports_serving(server, service):
+    assert _health(server.target, service) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_describes_the_generation_service(server):
+    with grpc.insecure_channel(server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="pdserve.v1.Generation"),
+        ]
+        listed, described = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"pdserve.v1.Generation", "grpc.health.v1.Health"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto
+
+
+# Fields of GenerateRequest as a fuzzer sends them: any value of the wire type, often invalid.
+_ints = st.integers(-(2**63), 2**63 - 1)
+_floats = st.floats(allow_nan=True, allow_infinity=True)
+_sampling = st.fixed_dictionaries(
+    {},
+    optional={
+        "max_tokens": _ints,
+        "temperature": _floats,
+        "top_k": _ints,
+        "top_p": _floats,
+        "min_p": _floats,
+        "repetition_penalty": _floats,
+        "presence_penalty": _floats,
+        "frequency_penalty": _floats,
+        "seed": st.integers(0, 2**64 - 1),
+        "stop": st.lists(st.text(max_size=5), max_size=3),
+        "stop_token_ids": st.lists(_ints, max_size=3),
+        "ignore_eos": st.booleans(),
+        "logprobs": _ints,
+    },
+)
+_messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["", "user", "assistant", "system", "tool", "🙂"]),
+            "content": st.text(max_size=40),
+        }
+    ),
+    max_size=4,
+)
+
+
+@st.composite
+def malformed_requests(draw) -> bytes:
+    kind = draw(st.sampled_from(["bytes", "text", "tokens", "chat", "none"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=64))
+    request = pb.GenerateRequest(request_id=draw(st.text(max_size=8)))
+    if kind == "text":
+        request.text = draw(st.text(max_size=80))
+    elif kind == "tokens":
+        request.token_ids.ids.extend(draw(st.lists(_ints, max_size=80)))
+    elif kind == "chat":
+        request.chat.messages.extend(pb.ChatMessage(**m) for m in draw(_messages))
+        request.chat.continue_final_message = draw(st.booleans())
+        if draw(st.booleans()):
+            request.chat.add_generation_prompt = draw(st.booleans())
+    for name, value in draw(_sampling).items():
+        if isinstance(value, list):
+            getattr(request.sampling, name).extend(value)
+        else:
+            setattr(request.sampling, name, value)
+    raw = request.SerializeToString()
+    if draw(st.booleans()):
+        raw += bytes([draw(st.integers(14, 15)) << 3]) + b"\x00"
+    return raw
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=malformed_requests())
+def test_random_malformed_requests_crash_nothing(server, raw):
+    code, details = generate_status(server.target, raw)
+    # without workers a valid request ends UNAVAILABLE; nothing may end as a server fault
+    assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE), details
+    assert _health(server.target, "") == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,104 @@
+"""GenerateRequest -> prompt token ids and SamplingParams, and the errors that name fields."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pdserve.api.client import build_request
+from pdserve.api.errors import InvalidRequest
+from pdserve.api.sampling import SamplingParams
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.validation import validate
+
+CONTEXT = 64
+
+
+def check(request: pb.GenerateRequest, tokenizer):
+    return validate(request, tokenizer, vocab_size=tokenizer.vocab_size, max_model_len=CONTEXT)
+
+
+def test_every_sampling_parameter_has_a_proto_field_of_the_same_name():
+    proto = set(pb.SamplingOptions.DESCRIPTOR.fields_by_name)
+    assert proto == {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def test_unset_sampling_fields_take_the_defaults(tokenizer):
+    assert check(build_request("hi"), tokenizer).params == SamplingParams()
+
+
+def test_every_sampling_field_reaches_the_params(tokenizer):
+    values = dict(
+        max_tokens=7,
+        temperature=0.0,
+        top_k=5,
+        top_p=0.5,
+        min_p=0.1,
+        repetition_penalty=1.2,
+        presence_penalty=-0.5,
+        frequency_penalty=0.25,
+        seed=2**63 - 1,
+        stop=("a", "bc"),
+        stop_token_ids=(3, 999),
+        ignore_eos=True,
+        logprobs=0,
+    )
+    assert check(build_request("hi", **values), tokenizer).params == SamplingParams(**values)
+
+
+def test_zero_values_are_kept_apart_from_unset_ones(tokenizer):
+    params = check(build_request("hi", temperature=0.0, top_k=0, logprobs=0), tokenizer).params
+    assert (params.temperature, params.top_k, params.logprobs) == (0.0, 0, 0)
+    assert check(build_request("hi"), tokenizer).params.logprobs is None
+
+
+def test_text_is_encoded_with_the_models_special_tokens(tokenizer):
+    valid = check(build_request("hello world"), tokenizer)
+    assert list(valid.prompt_token_ids) == tokenizer.encode("hello world")
+    assert valid.prompt_token_ids[0] == tokenizer.bos_token_id
+
+
+def test_token_ids_pass_unchanged(tokenizer):
+    assert check(build_request([5, 0, 999]), tokenizer).prompt_token_ids == (5, 0, 999)
+
+
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+
+
+def test_chat_opens_an_assistant_turn_by_default(tokenizer):
+    valid = check(build_request(CHAT[:1]), tokenizer)
+    assert list(valid.prompt_token_ids) == tokenizer.encode_chat(CHAT[:1])
+    closed = check(build_request(CHAT[:1], add_generation_prompt=False), tokenizer)
+    assert len(closed.prompt_token_ids) < len(valid.prompt_token_ids)
+    assert list(closed.prompt_token_ids) == tokenizer.encode_chat(
+        CHAT[:1], add_generation_prompt=False
+    )
+
+
+def test_continue_final_message_continues_the_assistant_text(tokenizer):
+    valid = check(build_request(CHAT, continue_final_message=True), tokenizer)
+    text = tokenizer.decode(valid.prompt_token_ids)
+    assert text.endswith("assistant<|end_header_id|>\n\nHel")
+
+
+def test_skip_special_tokens_defaults_to_true(tokenizer):
+    assert check(build_request("hi"), tokenizer).skip_special_tokens
+    assert not check(build_request("hi", skip_special_tokens=False), tokenizer).skip_special_tokens
+
+
+def test_unknown_field_inside_a_chat_message_is_named_by_its_path(tokenizer):
+    request = build_request(CHAT)
+    raw = request.chat.messages[1].SerializeToString() + bytes([9 << 3]) + b"\x01"
+    request.chat.messages[1].ParseFromString(raw)
+    with pytest.raises(InvalidRequest) as info:
+        check(request, tokenizer)
+    assert info.value.field == "chat.messages[1]"
+    assert "field number 9" in str(info.value)
+
+
+def test_prompt_one_token_short_of_the_context_is_accepted(tokenizer):
+    assert len(check(build_request([1] * (CONTEXT - 1)), tokenizer).prompt_token_ids) == 63
+    with pytest.raises(InvalidRequest) as info:
+        check(build_request([1] * CONTEXT), tokenizer)
+    assert info.value.field == "token_ids"
