@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-MODEL ?= .models/tiny-llama
 # On a machine without an NVIDIA GPU, pin the CPU build of torch.
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
 export OMP_NUM_THREADS ?= 1
@@ -19,12 +18,10 @@ $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 
 setup: $(BIN)/.installed
 
-$(MODEL)/config.json: | $(BIN)/.installed
-	$(BIN)/pdserve make-tiny-model $(MODEL)
-
-demo: $(BIN)/.installed $(MODEL)/config.json
-	$(BIN)/pdserve generate --model $(MODEL) --max-tokens 32 "The quick brown fox"
-	$(BIN)/pdserve generate --model $(MODEL) --max-tokens 16 --temperature 0.8 --seed 7 --json "Once upon a time"
+# The main job: the local cluster of deploy/local.yaml (creating its tiny model if missing),
+# a few requests streamed through the gRPC client, then a clean shutdown.
+demo: $(BIN)/.installed
+	$(BIN)/pdserve demo
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

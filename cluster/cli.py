@@ -107,11 +107,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, router=dataclasses.replace(config.router, listen=args.listen)
         )
-    if args.config is None and not Path(config.model, "config.json").exists():
-        from pdserve.cluster.tiny_model import make_tiny_model
+    if args.config is None:
+        from pdserve.cluster.demo import ensure_model
 
-        make_tiny_model(config.model)
-        print(f"created the tiny demo model in {config.model}")
+        ensure_model(config)
     host = config.router.listen.rpartition(":")[0]
 
     def ready(port: int) -> None:
@@ -119,6 +118,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(serve_forever(config, args.address, ready))
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pdserve.api.client import Client
+
+    with Client(args.server) as client:
+        try:
+            status = client.status(timeout=args.timeout)
+        except grpc.RpcError as e:
+            print(f"pdserve status: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    state = "serving" if status.serving else "NOT serving"
+    print(f"{args.server}: {state} {status.model}, {status.inflight} requests in flight")
+    print(
+        f"{'worker':<16}{'role':<9}{'tp':>3}{'running':>9}{'waiting':>9}{'free/total blocks':>19}"
+        f"{'cached':>8}"
+    )
+    for w in status.workers:
+        blocks = f"{w.free_blocks}/{w.total_blocks}"
+        line = f"{w.id:<16}{w.role:<9}{w.tp:>3}{w.running:>9}{w.waiting:>9}{blocks:>19}"
+        print(f"{line}{w.cached_blocks:>8}" + (f"  error: {w.error}" if w.error else ""))
+    return 0 if status.serving else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pdserve.cluster.bench import run_bench
+
+    return run_bench(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pdserve.cluster.config import load_config
+    from pdserve.cluster.demo import run_demo
+
+    return run_demo(load_config(args.config or DEFAULT_CONFIG), args.max_tokens)
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
@@ -165,6 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray address to join (default: start Ray locally)")
     p.add_argument("--listen", help="override router.listen (HOST:PORT)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="the workers of a running cluster; exit 0 when serving")
+    p.add_argument("--server", required=True, help="HOST:PORT of a running pdserve router")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("bench", help="TTFT, time per output token and throughput of a cluster")
+    p.add_argument("--server", help="HOST:PORT of a running pdserve router")
+    p.add_argument("--rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
+    p.add_argument("--num", type=int, default=64, help="number of requests")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
+    p.add_argument("--colocated", action="store_true", help="also run one in-process engine")
+    p.add_argument("--model", help="model folder for --colocated")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="start the local cluster, stream a few requests, stop")
+    p.add_argument("--config", help="cluster YAML (default: deploy/local.yaml)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench-engine", help="throughput of one in-process engine")
     p.add_argument("--model", required=True)
