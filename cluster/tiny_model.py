@@ -204,14 +204,15 @@ def make_tiny_model(
             "chat_template": spec.chat_template,
         },
     )
+    dim = head_dim or hidden_size // num_heads
     _write_weights(
         out / "model.safetensors",
-        spec,
         num_layers=num_layers,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        q_size=num_heads * (head_dim or hidden_size // num_heads),
-        kv_size=num_kv_heads * (head_dim or hidden_size // num_heads),
+        q_size=num_heads * dim,
+        kv_size=num_kv_heads * dim,
+        qkv_bias=spec.qkv_bias,
         vocab_size=vocab_size,
         tied=tied,
         special_ids=sorted(ids.values()),
@@ -226,13 +227,13 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 def _write_weights(
     path: Path,
-    spec: _Variant,
     *,
     num_layers: int,
     hidden_size: int,
     intermediate_size: int,
     q_size: int,
     kv_size: int,
+    qkv_bias: bool,
     vocab_size: int,
     tied: bool,
     special_ids: list[int],
@@ -266,7 +267,7 @@ def _write_weights(
         tensors[p + "self_attn.q_proj.weight"] = linear(q_size, hidden_size, gain=2.0)
         tensors[p + "self_attn.k_proj.weight"] = linear(kv_size, hidden_size, gain=2.0)
         tensors[p + "self_attn.v_proj.weight"] = linear(kv_size, hidden_size)
-        if spec.qkv_bias:
+        if qkv_bias:
             tensors[p + "self_attn.q_proj.bias"] = normal(q_size, std=0.5)
             tensors[p + "self_attn.k_proj.bias"] = normal(kv_size, std=0.5)
             tensors[p + "self_attn.v_proj.bias"] = normal(kv_size, std=0.05)
