@@ -111,12 +111,12 @@ async def run_cluster(server: str, workload: Workload) -> dict:
         return summarize(times, time.monotonic() - start)
 
 
-def run_colocated(model: str, workload: Workload, dtype: str, device: str) -> dict:
+def run_colocated(model: str, workload: Workload, dtype: str, device: str, num_blocks: int) -> dict:
     """Feeds the requests to one engine at their arrival times, stepping it in between."""
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device))
+    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, num_blocks=num_blocks))
     engine.add_request("warmup", workload.prompts[0][:8], workload.params)
     while engine.has_unfinished():
         engine.step()
@@ -190,7 +190,9 @@ def run_bench(args: argparse.Namespace) -> int:
         result["cluster"] = asyncio.run(run_cluster(args.server, workload))
         _print_summary("cluster", result["cluster"])
     if args.colocated:
-        result["colocated"] = run_colocated(args.model, workload, args.dtype, args.device)
+        result["colocated"] = run_colocated(
+            args.model, workload, args.dtype, args.device, args.num_blocks
+        )
         _print_summary("colocated", result["colocated"])
     if args.json:
         print(json.dumps(result))

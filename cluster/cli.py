@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
     p.add_argument("--colocated", action="store_true", help="also run one in-process engine")
     p.add_argument("--model", help="model folder for --colocated")
+    p.add_argument(
+        "--num-blocks", type=int, default=512, help="KV blocks of the --colocated engine"
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
