@@ -25,7 +25,9 @@ def generate_remote(server: str, prompt: str, params: SamplingParams, as_json: b
                 if not as_json:
                     print(delta.text, end="", flush=True)
         except grpc.RpcError as e:
-            print(f"\npdserve generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            if not as_json:
+                print()
+            print(f"pdserve generate: {e.code().name}: {e.details()}", file=sys.stderr)
             return 2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
     if as_json:
         print(

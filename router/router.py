@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.api.errors import CapacityExceeded, InvalidRequest, NotFound
+from pdserve.api.errors import CapacityExceeded, NotFound
 from pdserve.api.messages import PrefillRequest, TokenDelta
 from pdserve.api.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
@@ -92,7 +92,8 @@ class Router:
             await self._server.stop(grace)
             self._server = None
         if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+            # the aborts of the requests cancelled above; a dead worker must not hold us up
+            await asyncio.wait(self._background, timeout=max(grace, 1.0))
         await self._streams.stop()
 
     async def wait_for_termination(self) -> None:
@@ -112,7 +113,9 @@ class Router:
         )
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._inflight:
-            raise InvalidRequest("request_id", f"{request_id!r} is already in flight")
+            raise RequestFailed(
+                "ALREADY_EXISTS", f"request_id: {request_id!r} is already in flight"
+            )
         params = valid.params
         if params.seed is None:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
@@ -200,6 +203,6 @@ class Router:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _on_decode_lost(self, worker_id: str) -> None:
-        self.lost_workers[worker_id] = "its token stream ended"
+    def _on_decode_lost(self, worker_id: str, reason: str) -> None:
+        self.lost_workers[worker_id] = reason
         self._placer.remove_decode(worker_id)

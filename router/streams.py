@@ -30,9 +30,10 @@ Event = TokenDelta | Failure
 
 
 class DecodeStreams:
-    """Consumes every decode worker's stream; `on_lost(worker_id)` is called when one ends."""
+    """Consumes every decode worker's stream; `on_lost(worker_id, reason)` is called when one
+    ends."""
 
-    def __init__(self, decode: Mapping[str, Any], on_lost: Callable[[str], None]) -> None:
+    def __init__(self, decode: Mapping[str, Any], on_lost: Callable[[str, str], None]) -> None:
         self._decode = dict(decode)
         self._on_lost = on_lost
         self._queues: dict[str, tuple[str, asyncio.Queue[Event]]] = {}
@@ -80,7 +81,7 @@ class DecodeStreams:
         except Exception as e:
             reason = f"the stream failed: {type(e).__name__}: {e}"
         logger.error("decode worker %s is lost: %s", worker_id, reason)
-        self._on_lost(worker_id)
+        self._on_lost(worker_id, reason)
         for w, queue in list(self._queues.values()):
             if w == worker_id:
                 queue.put_nowait(Failure("UNAVAILABLE", f"decode worker {worker_id}: {reason}"))

@@ -24,7 +24,6 @@ MAX_REQUEST_ID_LEN = 256
 class ValidRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
-    skip_special_tokens: bool
 
 
 def validate(
@@ -52,8 +51,11 @@ def validate(
             f"the prompt has {len(ids)} tokens; the model's context holds {max_model_len}, "
             "including at least one generated token",
         )
-    skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-    return ValidRequest(tuple(ids), params, skip)
+    # NOTE: the text is always detokenized without special tokens for now; refusing `false`
+    # beats ignoring it.
+    if request.HasField("skip_special_tokens") and not request.skip_special_tokens:
+        raise InvalidRequest("skip_special_tokens", "false is not supported by this server yet")
+    return ValidRequest(tuple(ids), params)
 
 
 def reject_unknown_fields(message: Message, path: str = "") -> None:
