@@ -96,10 +96,6 @@ class Router:
             await asyncio.wait(self._background, timeout=max(grace, 1.0))
         await self._streams.stop()
 
-    async def wait_for_termination(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
-
     async def generate(self, request: pb.GenerateRequest, send: Send) -> None:
         """Runs one request, calling `send` for each response message; raises a
         `PdserveError` to end the RPC with its status code."""

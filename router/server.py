@@ -101,9 +101,6 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
-    async def wait_for_termination(self) -> None:
-        await self.server.wait_for_termination()
-
 
 async def start_server(router: Router, listen: str) -> RunningServer:
     """Binds `listen` (host:port; port 0 picks one) and serves `Generation`, the standard
