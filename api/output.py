@@ -10,8 +10,14 @@ from pdserve.api.tokenizer import Tokenizer
 
 
 class TextOutput:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str]):
-        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int],
+        stop: Sequence[str],
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
         self._stop = StopStringMatcher(stop)
         self.stopped = False
 

@@ -286,11 +286,14 @@ class DecodeService:
             info = self._requests.get(out.request_id)
             usage = timings = None
             if info is not None:
+                # NOTE: timings ride on the first delta too, so a request that the router ends
+                # early (a stop string) still reports them.
+                if info.completion_tokens == 0 or out.finished:
+                    timings = info.timings
                 info.completion_tokens += len(out.new_token_ids)
                 if out.finished:
                     del self._requests[out.request_id]
                     usage = Usage(info.prompt_tokens, 0, info.completion_tokens)
-                    timings = info.timings
             self._outbox.append(
                 TokenDelta(
                     out.request_id,

@@ -26,12 +26,13 @@ class ResponseBuilder:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         arrival: float,
+        skip_special_tokens: bool = True,
     ) -> None:
         self.request_id = request_id
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self._prompt_token_ids = prompt_token_ids
-        self._text = TextOutput(tokenizer, prompt_token_ids, params.stop)
+        self._text = TextOutput(tokenizer, prompt_token_ids, params.stop, skip_special_tokens)
         self._arrival = arrival
         self._first_token_at: float | None = None
         self._sent_first = False

@@ -120,7 +120,12 @@ class Router:
         self._inflight[request_id] = flight
         try:
             builder = ResponseBuilder(
-                request_id, self.tokenizer, valid.prompt_token_ids, params, arrival
+                request_id,
+                self.tokenizer,
+                valid.prompt_token_ids,
+                params,
+                arrival,
+                valid.skip_special_tokens,
             )
             prefill_request = PrefillRequest(
                 request_id=request_id,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
@@ -119,20 +117,3 @@ async def start_server(router: Router, listen: str) -> RunningServer:
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, port, health_servicer)
-
-
-async def serve(router: Router, listen: str, grace: float = 5.0) -> None:
-    """Serves until SIGINT or SIGTERM, then stops the router gracefully (the caller stops the
-    workers afterwards)."""
-    port = await router.start(listen)
-    logger.info("pdserve router listening on %s (port %d)", listen, port)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    try:
-        await stopping.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await router.stop(grace)

@@ -24,6 +24,7 @@ MAX_REQUEST_ID_LEN = 256
 class ValidRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
+    skip_special_tokens: bool = True
 
 
 def validate(
@@ -51,11 +52,8 @@ def validate(
             f"the prompt has {len(ids)} tokens; the model's context holds {max_model_len}, "
             "including at least one generated token",
         )
-    # NOTE: the text is always detokenized without special tokens for now; refusing `false`
-    # beats ignoring it.
-    if request.HasField("skip_special_tokens") and not request.skip_special_tokens:
-        raise InvalidRequest("skip_special_tokens", "false is not supported by this server yet")
-    return ValidRequest(tuple(ids), params)
+    skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+    return ValidRequest(tuple(ids), params, skip)
 
 
 def reject_unknown_fields(message: Message, path: str = "") -> None:

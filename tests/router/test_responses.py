@@ -78,3 +78,14 @@ def test_logprobs_are_passed_on(tokenizer):
     (got,) = msg.logprobs
     assert (got.token_id, got.logprob) == (256, -0.5)
     assert [(t.token_id, t.logprob) for t in got.top] == [(256, -0.5), (75, -1.5)]
+
+
+def test_special_tokens_show_in_the_text_only_when_kept(tokenizer):
+    eot = tokenizer.token_to_id("<|eot_id|>")
+    hello = tokenizer.encode("Hello", add_special_tokens=False)
+    delta = TokenDelta("r", (*hello, eot), finish_reason="stop")
+    args = ("r", tokenizer, PROMPT, SamplingParams(), time.monotonic())
+    assert ResponseBuilder(*args).on_delta(delta).text == "Hello"
+    assert ResponseBuilder(*args, skip_special_tokens=False).on_delta(delta).text == (
+        "Hello<|eot_id|>"
+    )

@@ -82,11 +82,12 @@ def test_continue_final_message_continues_the_assistant_text(tokenizer):
     assert text.endswith("assistant<|end_header_id|>\n\nHel")
 
 
-def test_special_tokens_are_skipped_and_keeping_them_is_refused_for_now(tokenizer):
-    check(build_request("hi", skip_special_tokens=True), tokenizer)
-    with pytest.raises(InvalidRequest) as info:
-        check(build_request("hi", skip_special_tokens=False), tokenizer)
-    assert info.value.field == "skip_special_tokens"
+def test_special_tokens_are_skipped_unless_the_request_keeps_them(tokenizer):
+    assert check(build_request("hi"), tokenizer).skip_special_tokens is True
+    assert (
+        check(build_request("hi", skip_special_tokens=False), tokenizer).skip_special_tokens
+        is False
+    )
 
 
 def test_unknown_field_inside_a_chat_message_is_named_by_its_path(tokenizer):
