@@ -17,7 +17,11 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     """One sequence's ``[KVH, seq_len, D]`` keys or values, gathered from its blocks."""
     _, num_kv_heads, block_size, head_dim = cache.shape
     blocks = block_table[: cdiv(seq_len, block_size)]
-    kv = cache.transpose(0, 1).index_select(1, blocks)
+    # NOTE: one index_select over (block, head) rows of the contiguous cache gathers straight
+    # into head-major order; selecting through a transposed view would copy the whole cache.
+    heads = torch.arange(num_kv_heads, device=cache.device)
+    rows = (heads[:, None] + blocks[None, :].long() * num_kv_heads).reshape(-1)
+    kv = cache.view(-1, block_size, head_dim).index_select(0, rows)
     return kv.view(num_kv_heads, -1, head_dim)[:, :seq_len]
 
 
