@@ -323,8 +323,16 @@ class DecodeService:
             await asyncio.sleep(0)
 
     async def stream(self) -> AsyncIterator[StepOutputs]:
+        """Yields the outputs of every step; when the consumer lags, the steps that piled up
+        go out as one message, so a slow link costs throughput of messages, not latency."""
         while True:
-            yield await self._stream.get()
+            batch = [await self._stream.get()]
+            while not self._stream.empty():
+                batch.append(self._stream.get_nowait())
+            if len(batch) == 1:
+                yield batch[0]
+            else:
+                yield StepOutputs(self.worker_id, tuple(d for b in batch for d in b.deltas))
 
     async def status(self) -> WorkerStatus:
         e = self.engine

@@ -62,7 +62,8 @@ class PrefillService:
         self._channels: dict[str, _Channel] = {}
         self._opening: dict[str, asyncio.Task] = {}
         self._transfers: dict[str, _Transfer] = {}
-        self._aborted: set[str] = set()
+        # request id -> aborted while waiting for its reservation
+        self._reserving: dict[str, bool] = {}
         self._wake = asyncio.Event()
         self.kv_bytes_sent = 0
 
@@ -71,13 +72,15 @@ class PrefillService:
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         arrived = time.monotonic()
+        self._reserving[req.request_id] = False
         try:
             self.engine.check_request(req.request_id, req.prompt_token_ids, req.output_token_ids)
             transfer = await self._reserve(req, arrived)
         except PdserveError as e:
             return PrefillResult(req.request_id, False, e.grpc_code, str(e))
-        if req.request_id in self._aborted:
-            self._aborted.discard(req.request_id)
+        finally:
+            aborted = self._reserving.pop(req.request_id)
+        if aborted:
             self._cancel(transfer)
             return PrefillResult(req.request_id, False, "CANCELLED", "aborted")
         self._transfers[req.request_id] = transfer
@@ -137,10 +140,11 @@ class PrefillService:
             del self._channels[decode_id]
 
     async def abort(self, request_id: str) -> bool:
+        if request_id in self._reserving:
+            self._reserving[request_id] = True
+            return True
         transfer = self._transfers.pop(request_id, None)
         if transfer is None:
-            # NOTE: the request may still be waiting for its reservation; remember the abort.
-            self._aborted.add(request_id)
             return False
         self.engine.abort(request_id)
         self._cancel(transfer)

@@ -10,6 +10,9 @@ import pytest
 import torch
 from cluster_helpers import kv_bytes, wait_until_idle, worker_status
 from engine_helpers import hf_greedy
+from grpc_health.v1 import health_pb2
+from grpc_helpers import generate_status, health_status, malformed_requests
+from hypothesis import HealthCheck, given, settings
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.slow
@@ -159,3 +162,18 @@ def test_bad_prompts_get_invalid_argument(cluster, client, prompt, field):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in e.value.details()
     assert client.complete([5, 6], max_tokens=1, temperature=0).finish_reason
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(raw=malformed_requests(max_tokens_cap=4))
+def test_random_malformed_requests_crash_nothing_and_the_cluster_keeps_serving(cluster, raw):
+    code, details = generate_status(cluster.target, raw)
+    assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), details
+    assert health_status(cluster.target, "") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_cluster_is_idle_and_serving_after_the_fuzzing(cluster, client):
+    for s in wait_until_idle(cluster).values():
+        assert s.free_blocks == s.total_blocks and s.running == 0 and s.waiting == 0
+    assert client.status().serving
+    assert client.complete([5, 6, 7], max_tokens=3, temperature=0).finish_reason == "length"

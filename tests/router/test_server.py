@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+from grpc_helpers import generate_status, health_status, malformed_requests
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from pdserve.api.client import Client, build_request
 from pdserve.proto import pdserve_pb2 as pb
-
-GENERATE = "/pdserve.v1.Generation/Generate"
-
-
-def generate_status(
-    target: str, request: pb.GenerateRequest | bytes
-) -> tuple[grpc.StatusCode, str]:
-    """Sends one request (a message, or raw bytes) and returns the status it ended with."""
-    raw = request if isinstance(request, bytes) else request.SerializeToString()
-    with grpc.insecure_channel(target) as channel:
-        call = channel.unary_stream(GENERATE, request_serializer=lambda b: b)
-        try:
-            list(call(raw, timeout=10))
-        except grpc.RpcError as e:
-            return e.code(), e.details()
-    return grpc.StatusCode.OK, ""
 
 
 def long_text(tokenizer, num_tokens: int) -> str:
@@ -151,15 +135,9 @@ def test_cluster_without_workers_is_not_serving(server, tokenizer):
     assert status.max_model_len == server.router.max_model_len
 
 
-def _health(target: str, service: str) -> int:
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
-
-
 @pytest.mark.parametrize("service", ["", "pdserve.v1.Generation"])
 def test_health_service_reports_serving(server, service):
-    assert _health(server.target, service) == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(server.target, service) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_reflection_describes_the_generation_service(server):
@@ -175,68 +153,10 @@ def test_reflection_describes_the_generation_service(server):
     assert described.file_descriptor_response.file_descriptor_proto
 
 
-# Fields of GenerateRequest as a fuzzer sends them: any value of the wire type, often invalid.
-_ints = st.integers(-(2**63), 2**63 - 1)
-_floats = st.floats(allow_nan=True, allow_infinity=True)
-_sampling = st.fixed_dictionaries(
-    {},
-    optional={
-        "max_tokens": _ints,
-        "temperature": _floats,
-        "top_k": _ints,
-        "top_p": _floats,
-        "min_p": _floats,
-        "repetition_penalty": _floats,
-        "presence_penalty": _floats,
-        "frequency_penalty": _floats,
-        "seed": st.integers(0, 2**64 - 1),
-        "stop": st.lists(st.text(max_size=5), max_size=3),
-        "stop_token_ids": st.lists(_ints, max_size=3),
-        "ignore_eos": st.booleans(),
-        "logprobs": _ints,
-    },
-)
-_messages = st.lists(
-    st.fixed_dictionaries(
-        {
-            "role": st.sampled_from(["", "user", "assistant", "system", "tool", "🙂"]),
-            "content": st.text(max_size=40),
-        }
-    ),
-    max_size=4,
-)
-
-
-@st.composite
-def malformed_requests(draw) -> bytes:
-    kind = draw(st.sampled_from(["bytes", "text", "tokens", "chat", "none"]))
-    if kind == "bytes":
-        return draw(st.binary(max_size=64))
-    request = pb.GenerateRequest(request_id=draw(st.text(max_size=8)))
-    if kind == "text":
-        request.text = draw(st.text(max_size=80))
-    elif kind == "tokens":
-        request.token_ids.ids.extend(draw(st.lists(_ints, max_size=80)))
-    elif kind == "chat":
-        request.chat.messages.extend(pb.ChatMessage(**m) for m in draw(_messages))
-        request.chat.continue_final_message = draw(st.booleans())
-        if draw(st.booleans()):
-            request.chat.add_generation_prompt = draw(st.booleans())
-    for name, value in draw(_sampling).items():
-        if isinstance(value, list):
-            getattr(request.sampling, name).extend(value)
-        else:
-            setattr(request.sampling, name, value)
-    raw = request.SerializeToString()
-    if draw(st.booleans()):
-        raw += bytes([draw(st.integers(14, 15)) << 3]) + b"\x00"
-    return raw
-
-
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(raw=malformed_requests())
 def test_random_malformed_requests_crash_nothing(server, raw):
     code, details = generate_status(server.target, raw)
     # without workers a valid request ends UNAVAILABLE; nothing may end as a server fault
     assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE), details
-    assert _health(server.target, "") == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(server.target, "") == health_pb2.HealthCheckResponse.SERVING
