@@ -99,6 +99,7 @@ class WorkerStatus:
     prompt_tokens_computed: int = 0
     kv_bytes_received: int = 0
     kv_bytes_sent: int = 0
+    transfer_fallbacks: int = 0
 
 
 @dataclass(frozen=True)

@@ -347,4 +347,5 @@ class DecodeService:
             total_blocks=e.pool.num_blocks,
             prompt_tokens_computed=e.num_prompt_tokens_computed,
             kv_bytes_received=self.kv_bytes_received + live,
+            transfer_fallbacks=self.num_fallbacks,
         )

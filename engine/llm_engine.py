@@ -225,9 +225,6 @@ class LLMEngine:
             return "length"
         return None
 
-    def get_sequence(self, request_id: str) -> Sequence | None:
-        return self._seqs.get(request_id)
-
     @property
     def num_running(self) -> int:
         return sum(1 for s in self._seqs.values() if s.status is Status.RUNNING)

@@ -128,11 +128,13 @@ def test_failed_transfer_falls_back_and_the_next_crosses_a_rebuilt_channel(
     assert broken.token_ids == hf_greedy(hf_model, prompt, MAX_TOKENS)
     middle = wait_until_idle(cluster)["decode-0"]
     assert middle.prompt_tokens_computed - before.prompt_tokens_computed == len(prompt)
+    assert middle.transfer_fallbacks == before.transfer_fallbacks + 1
 
     again = client.complete(prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     assert again.token_ids == broken.token_ids
     after = wait_until_idle(cluster)["decode-0"]
     assert after.prompt_tokens_computed == middle.prompt_tokens_computed
+    assert after.transfer_fallbacks == middle.transfer_fallbacks
     assert after.kv_bytes_received - middle.kv_bytes_received == kv_bytes(len(prompt))
     for s in wait_until_idle(cluster).values():
         assert s.free_blocks == s.total_blocks
