@@ -151,7 +151,7 @@ def config_from_dict(values: dict[str, Any]) -> ClusterConfig:
     return _build(ClusterConfig, values, "")
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterConfig:
+def load_config(path: str | Path) -> ClusterConfig:
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
@@ -161,4 +161,4 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Cl
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: must hold a mapping")
-    return config_from_dict({**values, **(overrides or {})})
+    return config_from_dict(values)

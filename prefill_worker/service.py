@@ -268,7 +268,8 @@ class PrefillService:
             role="prefill",
             tp=1,
             running=e.num_running,
-            waiting=len(e.scheduler.waiting),
+            # waiting for a reservation on the decode worker, or for a slot in a prefill step
+            waiting=len(self._reserving) + len(e.scheduler.waiting),
             free_blocks=e.pool.num_free,
             total_blocks=e.pool.num_blocks,
             prompt_tokens_computed=e.num_prompt_tokens_computed,

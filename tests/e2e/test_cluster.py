@@ -72,31 +72,57 @@ def test_first_token_streams_before_the_last_is_generated(cluster, client):
     assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 64
 
 
-def _cancel_after(client, prompt, delay_s: float | None, **kwargs):
-    stream = client.generate(prompt, temperature=0, ignore_eos=True, **kwargs)
-    if delay_s is None:
-        next(stream)
-    else:
-        time.sleep(delay_s)
+def _wait_for(cluster, worker_id: str, predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate(worker_status(cluster, worker_id)):
+        assert time.monotonic() < deadline, f"{worker_id} never reached the expected state"
+        time.sleep(0.005)
+
+
+def _cancelled(stream) -> grpc.StatusCode:
     stream.cancel()
     with pytest.raises(grpc.RpcError) as e:
         list(stream)
     return e.value.code()
 
 
-@pytest.mark.parametrize(
-    ("stage", "prompt_len", "delay_s"),
-    [("queued", 40, 0.0), ("mid-transfer", 1900, 0.3), ("decoding", 40, None)],
-)
-def test_cancellation_at_each_stage_frees_every_block(cluster, client, stage, prompt_len, delay_s):
-    prompt = torch.randint(3, 1000, (prompt_len,)).tolist()
-    code = _cancel_after(client, prompt, delay_s, max_tokens=200)
-    assert code == grpc.StatusCode.CANCELLED
+def _assert_idle_and_serving(cluster, client, stage: str) -> None:
     for wid, s in wait_until_idle(cluster).items():
         assert s.free_blocks == s.total_blocks, f"{stage}: {wid} leaked blocks"
         assert s.running == 0 and s.waiting == 0, f"{stage}: {wid} still busy"
-    # and the cluster still serves
     assert client.complete([5, 6, 7], max_tokens=2, temperature=0).finish_reason
+
+
+def _long_prompt(n: int = 1900) -> list[int]:
+    """Prefilled in 256-token chunks (the test cluster's budget): several steps of transfer."""
+    return torch.randint(3, 1000, (n,)).tolist()
+
+
+def test_cancelling_a_queued_request_frees_every_block(cluster, client):
+    running = client.generate(_long_prompt(), max_tokens=200, temperature=0, ignore_eos=True)
+    _wait_for(cluster, "prefill-0", lambda s: s.running == 1)
+    queued = client.generate(_long_prompt(), max_tokens=200, temperature=0, ignore_eos=True)
+    _wait_for(cluster, "prefill-0", lambda s: s.waiting >= 1)
+    assert _cancelled(queued) == grpc.StatusCode.CANCELLED
+    assert _cancelled(running) == grpc.StatusCode.CANCELLED
+    _assert_idle_and_serving(cluster, client, "queued")
+
+
+def test_cancelling_mid_transfer_frees_every_block(cluster, client):
+    stream = client.generate(_long_prompt(), max_tokens=200, temperature=0, ignore_eos=True)
+    # a reservation on the decode worker while the prefill worker still computes chunks
+    _wait_for(cluster, "decode-0", lambda s: s.waiting == 1)
+    assert worker_status(cluster, "prefill-0").running == 1
+    assert _cancelled(stream) == grpc.StatusCode.CANCELLED
+    _assert_idle_and_serving(cluster, client, "mid-transfer")
+
+
+def test_cancelling_while_decoding_frees_every_block(cluster, client):
+    stream = client.generate(_prompts(2)[1], max_tokens=500, temperature=0, ignore_eos=True)
+    next(stream)
+    assert worker_status(cluster, "decode-0").running == 1
+    assert _cancelled(stream) == grpc.StatusCode.CANCELLED
+    _assert_idle_and_serving(cluster, client, "decoding")
 
 
 def test_abort_rpc_stops_a_decoding_request(cluster, client):
