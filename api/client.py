@@ -8,12 +8,16 @@
 The prompt is text, a list of token ids, or chat messages (dicts with "role" and "content").
 Sampling settings are keyword arguments named as in `SamplingParams`; None leaves one unset.
 Failures surface as `grpc.RpcError` carrying the server's status code.
+
+A router with TLS and API keys takes `Client(address, api_key=..., root_cert="ca.pem")`.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,6 +29,21 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
 
 _SAMPLING_FIELDS = frozenset(pb.SamplingOptions.DESCRIPTOR.fields_by_name)
+
+RootCert = bytes | str | os.PathLike[str]  # PEM bytes, or the path of a PEM file
+
+
+def _connection(
+    api_key: str | None, root_cert: RootCert | None
+) -> tuple[grpc.ChannelCredentials | None, tuple[tuple[str, str], ...] | None]:
+    """TLS credentials trusting `root_cert` (PEM bytes, or a path to them) when it is given,
+    and the metadata that every call carries."""
+    credentials = None
+    if root_cert is not None:
+        pem = root_cert if isinstance(root_cert, bytes) else Path(root_cert).read_bytes()
+        credentials = grpc.ssl_channel_credentials(root_certificates=pem)
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    return credentials, metadata
 
 
 @dataclass
@@ -96,10 +115,21 @@ def build_request(
 
 
 class Client:
-    """A blocking client; one channel, safe to share between threads."""
+    """A blocking client; one channel, safe to share between threads. `root_cert` (PEM bytes
+    or a path) makes the channel TLS; `api_key` goes with every call as a bearer token."""
 
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.insecure_channel(address)
+    def __init__(
+        self,
+        address: str,
+        *,
+        api_key: str | None = None,
+        root_cert: RootCert | None = None,
+    ) -> None:
+        credentials, self._metadata = _connection(api_key, root_cert)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address)
+        else:
+            self._channel = grpc.secure_channel(address, credentials)
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def generate(
@@ -107,7 +137,9 @@ class Client:
     ) -> Iterator[pb.GenerateResponse]:
         """Streams the response messages; `.cancel()` on the returned iterator cancels the
         request (its KV blocks are freed at once)."""
-        return self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout)
+        return self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=timeout, metadata=self._metadata
+        )
 
     def complete(
         self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any
@@ -118,10 +150,14 @@ class Client:
         return result
 
     def abort(self, request_id: str, *, timeout: float | None = None) -> None:
-        self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout)
+        self._stub.Abort(
+            pb.AbortRequest(request_id=request_id), timeout=timeout, metadata=self._metadata
+        )
 
     def status(self, *, timeout: float | None = None) -> pb.ClusterStatus:
-        return self._stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=timeout)
+        return self._stub.GetClusterStatus(
+            pb.ClusterStatusRequest(), timeout=timeout, metadata=self._metadata
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -134,10 +170,21 @@ class Client:
 
 
 class AsyncClient:
-    """The asyncio client; create it inside the event loop that uses it."""
+    """The asyncio client; create it inside the event loop that uses it. `api_key` and
+    `root_cert` as for `Client`."""
 
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(
+        self,
+        address: str,
+        *,
+        api_key: str | None = None,
+        root_cert: RootCert | None = None,
+    ) -> None:
+        credentials, self._metadata = _connection(api_key, root_cert)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials)
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def generate(
@@ -145,7 +192,9 @@ class AsyncClient:
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Streams the response messages (`async for`); `.cancel()` on the returned call
         cancels the request."""
-        return self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout)
+        return self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=timeout, metadata=self._metadata
+        )
 
     async def complete(
         self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any
@@ -156,10 +205,14 @@ class AsyncClient:
         return result
 
     async def abort(self, request_id: str, *, timeout: float | None = None) -> None:
-        await self._stub.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout)
+        await self._stub.Abort(
+            pb.AbortRequest(request_id=request_id), timeout=timeout, metadata=self._metadata
+        )
 
     async def status(self, *, timeout: float | None = None) -> pb.ClusterStatus:
-        return await self._stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=timeout)
+        return await self._stub.GetClusterStatus(
+            pb.ClusterStatusRequest(), timeout=timeout, metadata=self._metadata
+        )
 
     async def close(self) -> None:
         await self._channel.close()

@@ -43,3 +43,9 @@ class ModelLoadError(PdserveError):
     """A model folder is missing a file or has a key pdserve cannot serve exactly."""
 
     grpc_code = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(PdserveError):
+    """The RPC lacks a valid `authorization: Bearer <key>` metadata entry."""
+
+    grpc_code = "UNAUTHENTICATED"

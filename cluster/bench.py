@@ -15,6 +15,7 @@ import asyncio
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,8 +87,10 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     return out
 
 
-async def run_cluster(server: str, workload: Workload) -> dict:
-    async with AsyncClient(server) as client:
+async def run_cluster(
+    server: str, workload: Workload, *, api_key: str | None = None, root_cert: str | None = None
+) -> dict:
+    async with AsyncClient(server, api_key=api_key, root_cert=root_cert) as client:
         sampling = workload.params.to_dict()
         await client.complete(workload.prompts[0][:8], **{**sampling, "max_tokens": 2})
         start = time.monotonic()
@@ -144,7 +147,7 @@ def _vocab_and_context(args: argparse.Namespace) -> tuple[int, int]:
     if args.server:
         from pdserve.api.client import Client
 
-        with Client(args.server) as client:
+        with Client(args.server, api_key=args.api_key, root_cert=args.tls_root_cert) as client:
             status = client.status(timeout=10)
         return status.vocab_size, status.max_model_len
     from pdserve.engine.config import ModelConfig
@@ -172,7 +175,11 @@ def run_bench(args: argparse.Namespace) -> int:
     for name in ("rate", "num", "prompt_len", "max_tokens"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"bench: --{name.replace('_', '-')} must be > 0")
-    vocab_size, max_model_len = _vocab_and_context(args)
+    try:
+        vocab_size, max_model_len = _vocab_and_context(args)
+    except grpc.RpcError as e:
+        print(f"pdserve bench: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
     if args.prompt_len + args.max_tokens > max_model_len:
         raise SystemExit(
             f"bench: prompt-len + max-tokens must fit the context of {max_model_len} tokens"
@@ -187,7 +194,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
     }
     if args.server:
-        result["cluster"] = asyncio.run(run_cluster(args.server, workload))
+        result["cluster"] = asyncio.run(
+            run_cluster(args.server, workload, api_key=args.api_key, root_cert=args.tls_root_cert)
+        )
         _print_summary("cluster", result["cluster"])
     if args.colocated:
         result["colocated"] = run_colocated(

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,15 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("PDSERVE_API_KEY"),
+        help="API key of the router (default: $PDSERVE_API_KEY)",
+    )
+    p.add_argument("--tls-root-cert", help="PEM file of the CA that signed the router's cert")
 
 
 def _sampling_params(args: argparse.Namespace):
@@ -64,7 +74,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.server:
         from pdserve.cluster.remote_generate import generate_remote
 
-        return generate_remote(args.server, args.prompt, params, args.json)
+        return generate_remote(
+            args.server,
+            args.prompt,
+            params,
+            args.json,
+            api_key=args.api_key,
+            root_cert=args.tls_root_cert,
+        )
     if not args.model:
         raise SystemExit("generate: give --model DIR or --server HOST:PORT")
     import torch
@@ -125,7 +142,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from pdserve.api.client import Client
 
-    with Client(args.server) as client:
+    with Client(args.server, api_key=args.api_key, root_cert=args.tls_root_cert) as client:
         try:
             status = client.status(timeout=args.timeout)
         except grpc.RpcError as e:
@@ -193,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    _add_connection_flags(p)
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 
@@ -205,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="the workers of a running cluster; exit 0 when serving")
     p.add_argument("--server", required=True, help="HOST:PORT of a running pdserve router")
     p.add_argument("--timeout", type=float, default=10.0)
+    _add_connection_flags(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("bench", help="TTFT, time per output token and throughput of a cluster")
@@ -222,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    _add_connection_flags(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="start the local cluster, stream a few requests, stop")
@@ -248,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (PdserveError, ValueError) as e:
+    except (PdserveError, ValueError, OSError) as e:
         print(f"pdserve {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -52,6 +52,10 @@ class RouterConfig:
     listen: str = "127.0.0.1:50051"
     policy: str = "least_loaded"
     max_inflight: int = 1024  # beyond this, new requests get RESOURCE_EXHAUSTED
+    # NOTE: secrets live in files named here, never in the YAML itself.
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, the router serves TLS
+    tls_key: str | None = None  # PEM private key
+    api_keys_file: str | None = None  # one key per line; RPCs then need `Bearer <key>`
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,46 @@ class ClusterConfig:
         _check(self.router.max_inflight >= 1, "router.max_inflight", "must be >= 1")
         host, sep, port = self.router.listen.rpartition(":")
         _check(bool(sep and host and port.isdigit()), "router.listen", "must be HOST:PORT")
+        _check_tls(self.router)
+        if self.router.api_keys_file is not None:
+            read_api_keys(self.router.api_keys_file)
+
+
+def _check_tls(router: RouterConfig) -> None:
+    cert, key = router.tls_cert, router.tls_key
+    _check(key is None or cert is not None, "router.tls_cert", "required with router.tls_key")
+    _check(cert is None or key is not None, "router.tls_key", "required with router.tls_cert")
+    for name, path, marker in (
+        ("tls_cert", cert, "-----BEGIN CERTIFICATE-----"),
+        ("tls_key", key, "PRIVATE KEY-----"),
+    ):
+        if path is not None:
+            _check(marker in _read(path, f"router.{name}"), f"router.{name}", f"{path} is not PEM")
+
+
+def _read(path: str, key: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror or e}") from e
+
+
+def read_api_keys(path: str) -> tuple[str, ...]:
+    """The keys in an API keys file: one per line; blank lines and `#` comments are skipped.
+    Errors name `router.api_keys_file` and a line number, never a key."""
+    keys = []
+    for number, line in enumerate(_read(path, "router.api_keys_file").splitlines(), 1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        _check(
+            key.isascii() and key.isprintable() and " " not in key,
+            "router.api_keys_file",
+            f"{path} line {number}: a key must be printable ASCII without spaces",
+        )
+        keys.append(key)
+    _check(bool(keys), "router.api_keys_file", f"{path} holds no key")
+    return tuple(keys)
 
 
 def _check(ok: bool, key: str, message: str) -> None:

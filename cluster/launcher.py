@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.api.naming import NAMESPACE, actor_name
-from pdserve.cluster.config import ClusterConfig
+from pdserve.cluster.config import ClusterConfig, read_api_keys
 from pdserve.engine.config import EngineConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ def max_model_len(config: ClusterConfig) -> int:
 async def start_router(config: ClusterConfig, workers: Workers, listen: str | None = None):
     """Starts the gRPC router in the running event loop; returns (router, port)."""
     from pdserve.api.tokenizer import Tokenizer
+    from pdserve.router.auth import ServerTLS
     from pdserve.router.router import Router
 
     model = ModelConfig.from_model_dir(config.model)
@@ -143,7 +144,10 @@ async def start_router(config: ClusterConfig, workers: Workers, listen: str | No
         max_inflight=config.router.max_inflight,
         model_name=os.path.basename(os.path.abspath(config.model)),
     )
-    port = await router.start(listen or config.router.listen)
+    settings = config.router
+    tls = ServerTLS.from_files(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
+    api_keys = read_api_keys(settings.api_keys_file) if settings.api_keys_file else ()
+    port = await router.start(listen or settings.listen, tls=tls, api_keys=api_keys)
     return router, port
 
 

@@ -12,11 +12,19 @@ from pdserve.api.client import Client, Completion
 from pdserve.api.sampling import SamplingParams
 
 
-def generate_remote(server: str, prompt: str, params: SamplingParams, as_json: bool) -> int:
+def generate_remote(
+    server: str,
+    prompt: str,
+    params: SamplingParams,
+    as_json: bool,
+    *,
+    api_key: str | None = None,
+    root_cert: str | None = None,
+) -> int:
     """Streams the completion to stdout (after the prompt), or with `as_json` prints one JSON
     object with the same keys as the in-process `pdserve generate --json`, plus usage."""
     result = Completion()
-    with Client(server) as client:
+    with Client(server, api_key=api_key, root_cert=root_cert) as client:
         if not as_json:
             print(prompt, end="", flush=True)
         try:

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from pdserve.api.errors import CapacityExceeded, NotFound
 from pdserve.api.messages import PrefillRequest, TokenDelta
 from pdserve.api.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.auth import ServerTLS
 from pdserve.router.errors import RequestFailed
 from pdserve.router.placement import Assignment, Placer
 from pdserve.router.responses import ResponseBuilder
@@ -78,10 +79,13 @@ class Router:
     def num_inflight(self) -> int:
         return len(self._inflight)
 
-    async def start(self, listen: str) -> int:
+    async def start(
+        self, listen: str, *, tls: ServerTLS | None = None, api_keys: Collection[str] = ()
+    ) -> int:
         """Starts consuming the decode workers' streams and serving on `listen` (host:port;
-        port 0 picks a free one). Returns the bound port."""
-        self._server = await start_server(self, listen)
+        port 0 picks a free one), over TLS when `tls` is given, requiring one of `api_keys`
+        when there are any. Returns the bound port."""
+        self._server = await start_server(self, listen, tls=tls, api_keys=api_keys)
         self._streams.start()
         return self._server.port
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pdserve.api.errors import InvalidRequest
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.auth import ApiKeyInterceptor, ServerTLS
 from pdserve.router.errors import status_of
 
 if TYPE_CHECKING:
@@ -100,20 +102,49 @@ class RunningServer:
         await self.server.stop(grace)
 
 
-async def start_server(router: Router, listen: str) -> RunningServer:
+async def start_server(
+    router: Router,
+    listen: str,
+    *,
+    tls: ServerTLS | None = None,
+    api_keys: Collection[str] = (),
+) -> RunningServer:
     """Binds `listen` (host:port; port 0 picks one) and serves `Generation`, the standard
-    health service (SERVING) and server reflection."""
-    server = grpc.aio.server()
+    health service (SERVING) and server reflection; over TLS when `tls` is given, and with
+    `api_keys` every `Generation` call needs `authorization: Bearer <key>`."""
+    interceptors = [ApiKeyInterceptor(api_keys, SERVICE_NAME)] if api_keys else []
+    server = grpc.aio.server(interceptors=interceptors)
     server.add_generic_rpc_handlers((_handler(GenerationServicer(router)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen)
-    if port == 0 and not listen.endswith(":0"):
-        raise OSError(f"cannot listen on {listen}")
+    port = _bind(server, listen, tls)
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    logger.info(
+        "listening on %s:%d (%s, %s)",
+        listen.rpartition(":")[0],
+        port,
+        "TLS" if tls else "plaintext",
+        f"{len(api_keys)} API keys" if api_keys else "no API keys",
+    )
     return RunningServer(server, port, health_servicer)
+
+
+def _bind(server: grpc.aio.Server, listen: str, tls: ServerTLS | None) -> int:
+    if tls is None:
+        port = server.add_insecure_port(listen)
+    else:
+        try:
+            port = server.add_secure_port(listen, tls.credentials())
+        except RuntimeError as e:  # grpc reports a bad certificate or key only as this
+            raise OSError(
+                f"cannot listen on {listen} with TLS: address in use, or the key and the "
+                "certificate do not match"
+            ) from e
+    if port == 0 and not listen.endswith(":0"):
+        raise OSError(f"cannot listen on {listen}")
+    return port

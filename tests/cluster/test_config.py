@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.cluster.config import ClusterConfig, ConfigError, config_from_dict, load_config
+from pdserve.cluster.config import (
+    ClusterConfig,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    read_api_keys,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,3 +63,66 @@ def test_missing_or_malformed_file_is_named(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+@pytest.fixture
+def secrets(tmp_path):
+    """Paths by name: PEM-looking cert and key files, API keys files, and one that is missing."""
+    files = {
+        "cert.pem": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        "key.pem": "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+        "keys": "# one key per line\n\n  key-one  \n# old: key-zero\nkey-two\n",
+        "comments": "# nothing yet\n\n",
+        "spaced": "key-one\nkey two\n",
+        "notes.txt": "not a certificate\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return {name: str(tmp_path / name) for name in [*files, "missing"]}
+
+
+def test_tls_and_api_keys_are_off_by_default():
+    router = config_from_dict({"model": "m"}).router
+    assert (router.tls_cert, router.tls_key, router.api_keys_file) == (None, None, None)
+
+
+def test_tls_files_and_an_api_keys_file_load(secrets):
+    router = config_from_dict(
+        {
+            "model": "m",
+            "router": {
+                "tls_cert": secrets["cert.pem"],
+                "tls_key": secrets["key.pem"],
+                "api_keys_file": secrets["keys"],
+            },
+        }
+    ).router
+    assert (router.tls_cert, router.api_keys_file) == (secrets["cert.pem"], secrets["keys"])
+    assert read_api_keys(router.api_keys_file) == ("key-one", "key-two")
+
+
+@pytest.mark.parametrize(
+    ("router", "key", "says"),
+    [
+        ({"tls_cert": "cert.pem"}, "router.tls_key", "required with router.tls_cert"),
+        ({"tls_key": "key.pem"}, "router.tls_cert", "required with router.tls_key"),
+        ({"tls_cert": "missing", "tls_key": "key.pem"}, "router.tls_cert", "cannot read"),
+        ({"tls_cert": "cert.pem", "tls_key": "missing"}, "router.tls_key", "cannot read"),
+        ({"tls_cert": "notes.txt", "tls_key": "key.pem"}, "router.tls_cert", "not PEM"),
+        ({"tls_cert": "cert.pem", "tls_key": "cert.pem"}, "router.tls_key", "not PEM"),
+        ({"api_keys_file": "missing"}, "router.api_keys_file", "cannot read"),
+        ({"api_keys_file": "comments"}, "router.api_keys_file", "holds no key"),
+        ({"api_keys_file": "spaced"}, "router.api_keys_file", "line 2"),
+    ],
+)
+def test_bad_tls_or_api_keys_setting_is_named(secrets, router, key, says):
+    values = {k: secrets[name] for k, name in router.items()}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": "m", "router": values})
+    assert str(e.value).startswith(f"{key}:") and says in str(e.value)
+    assert "key two" not in str(e.value)  # a key never shows in an error
+
+
+def test_a_secret_in_the_yaml_itself_is_an_unknown_key():
+    with pytest.raises(ConfigError, match=r"^router\.api_keys: unknown key"):
+        config_from_dict({"model": "m", "router": {"api_keys": ["key-one"]}})

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Collection
 
 import pytest
 
 from pdserve.api.tokenizer import Tokenizer
+from pdserve.router.auth import ServerTLS
 from pdserve.router.router import Router
 
 MAX_MODEL_LEN = 64
@@ -20,12 +22,14 @@ MAX_MODEL_LEN = 64
 class RouterThread:
     """Runs a `Router` on its own event loop thread; `target` is its HOST:PORT."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(
+        self, router: Router, tls: ServerTLS | None = None, api_keys: Collection[str] = ()
+    ) -> None:
         self.router = router
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        port = self.run(router.start("127.0.0.1:0"))
+        port = self.run(router.start("127.0.0.1:0", tls=tls, api_keys=api_keys))
         self.target = f"127.0.0.1:{port}"
 
     def run(self, coro):
@@ -45,12 +49,14 @@ def tokenizer(tiny_llama_dir) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def start_router(tokenizer):
-    """Starts a worker-less router; `kwargs` go to `Router`. The caller stops it."""
+    """Starts a worker-less router; `tls` and `api_keys` go to `Router.start`, `kwargs` to
+    `Router`. The caller stops it."""
 
-    def start(**kwargs) -> RouterThread:
+    def start(*, tls=None, api_keys=(), **kwargs) -> RouterThread:
         kwargs.setdefault("vocab_size", tokenizer.vocab_size)
         kwargs.setdefault("max_model_len", MAX_MODEL_LEN)
-        return RouterThread(Router(tokenizer, {}, {}, model_name="tiny-llama", **kwargs))
+        router = Router(tokenizer, {}, {}, model_name="tiny-llama", **kwargs)
+        return RouterThread(router, tls, api_keys)
 
     return start
 

@@ -1,0 +1,87 @@
+"""Transport security and API keys of the router's gRPC server.
+
+Keys guard the methods of one service (`pdserve.v1.Generation`); every other service, health
+and reflection included, stays open because load balancers probe them without credentials.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from pdserve.api.errors import Unauthenticated
+from pdserve.router.errors import status_of
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """The PEM certificate chain and private key the server presents."""
+
+    certificate_chain: bytes
+    private_key: bytes = field(repr=False)
+
+    @classmethod
+    def from_files(cls, cert: str | Path, key: str | Path) -> ServerTLS:
+        return cls(Path(cert).read_bytes(), Path(key).read_bytes())
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.private_key, self.certificate_chain)])
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Answers UNAUTHENTICATED to calls of `service` that do not carry
+    `authorization: Bearer <key>` with one of `keys`."""
+
+    def __init__(self, keys: Collection[str], service: str) -> None:
+        if not keys:
+            raise ValueError("ApiKeyInterceptor needs at least one key")
+        self._keys = tuple(k.encode() for k in keys)
+        self._prefix = f"/{service}/"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self._prefix):
+            return handler
+        problem = self._problem(details.invocation_metadata or ())
+        return handler if problem is None else _refusal(handler, problem)
+
+    def _problem(self, metadata: Sequence[tuple[str, str]]) -> str | None:
+        """Why the call is refused, or None when it carries a known key."""
+        values = [v for k, v in metadata if k == "authorization"]
+        if not values:
+            return "missing metadata 'authorization: Bearer <API key>'"
+        scheme, _, token = values[0].partition(" ")
+        token_bytes = token.strip().encode()
+        # NOTE: every key is compared, in constant time, so timing reveals neither the key nor
+        # which of the keys matched.
+        known = False
+        for key in self._keys:
+            known |= hmac.compare_digest(key, token_bytes)
+        if scheme.lower() != "bearer" or not known:
+            return "invalid API key"
+        return None
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that ends the call UNAUTHENTICATED."""
+    code, details = status_of(Unauthenticated(message))
+
+    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, details)
+
+    shape = (handler.request_streaming, handler.response_streaming)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[shape]
+    return make(refuse)
