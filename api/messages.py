@@ -34,7 +34,6 @@ class PrefillRequest:
     params: SamplingParams
     decode_worker: str
     output_token_ids: tuple[int, ...] = ()
-    arrival_time: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -56,12 +55,12 @@ class Usage:
 
 @dataclass(frozen=True)
 class Timings:
-    """Seconds: waiting for prefill, computing it, moving KV, and from arrival to first token."""
+    """Seconds a prefill worker spent on a request: waiting for its turn, computing the
+    prompt, and waiting for KV sends that the compute did not hide."""
 
     queue_s: float = 0.0
     prefill_s: float = 0.0
     transfer_s: float = 0.0
-    ttft_s: float = 0.0
 
 
 @dataclass(frozen=True)

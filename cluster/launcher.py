@@ -47,6 +47,7 @@ def start_ray(config: ClusterConfig, address: str | None) -> None:
 class Workers:
     prefill: dict[str, Any] = field(default_factory=dict)
     decode: dict[str, Any] = field(default_factory=dict)
+    max_model_len: int = 0  # the longest sequence every worker accepts
 
     def all(self) -> dict[str, Any]:
         return {**self.prefill, **self.decode}
@@ -100,7 +101,7 @@ def launch_workers(config: ClusterConfig) -> Workers:
             .remote(wid, _engine_config(config, "prefill"), timeout, threads)
         )
     try:
-        ray.get([h.start.remote() for h in workers.all().values()])
+        workers.max_model_len = min(ray.get([h.start.remote() for h in workers.all().values()]))
     except Exception:
         stop_workers(workers)
         raise
@@ -118,15 +119,6 @@ def stop_workers(workers: Workers) -> None:
             logger.debug("killing a worker: %s", e)
 
 
-def max_model_len(config: ClusterConfig) -> int:
-    """The context the workers accept: the model's, capped by what one KV pool holds."""
-    model = ModelConfig.from_model_dir(config.model)
-    limit = model.max_position_embeddings
-    if config.kv_cache.num_blocks:
-        limit = min(limit, config.kv_cache.num_blocks * config.block_size)
-    return limit
-
-
 async def start_router(config: ClusterConfig, workers: Workers, listen: str | None = None):
     """Starts the gRPC router in the running event loop; returns (router, port)."""
     from pdserve.api.tokenizer import Tokenizer
@@ -139,7 +131,7 @@ async def start_router(config: ClusterConfig, workers: Workers, listen: str | No
         workers.prefill,
         workers.decode,
         vocab_size=model.vocab_size,
-        max_model_len=max_model_len(config),
+        max_model_len=workers.max_model_len,
         policy=config.router.policy,
         max_inflight=config.router.max_inflight,
         model_name=os.path.basename(os.path.abspath(config.model)),

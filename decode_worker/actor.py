@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import ray
+
 from pdserve.api.messages import (
     ChannelAddress,
     PrefillRequest,
@@ -14,22 +16,22 @@ from pdserve.api.messages import (
     StepOutputs,
     WorkerStatus,
 )
+from pdserve.engine.config import EngineConfig
 
 
 class DecodeWorker:
-    def __init__(self, worker_id: str, engine_config, transfer_timeout_s: float, threads: int):
-        import ray
-        import torch
-
+    def __init__(
+        self, worker_id: str, engine_config: EngineConfig, transfer_timeout_s: float, threads: int
+    ) -> None:
         from pdserve.decode_worker.service import DecodeService
 
-        torch.set_num_threads(threads)
         host = ray.util.get_node_ip_address()
-        self._svc = DecodeService(worker_id, engine_config, host, transfer_timeout_s)
+        self._svc = DecodeService(worker_id, engine_config, host, transfer_timeout_s, threads)
 
-    async def start(self) -> str:
+    async def start(self) -> int:
+        """Starts the step loop; returns the longest sequence this worker accepts."""
         await self._svc.start()
-        return self._svc.worker_id
+        return self._svc.engine.max_model_len
 
     async def open_channel(self, prefill_id: str) -> ChannelAddress:
         return await self._svc.open_channel(prefill_id)
@@ -39,6 +41,9 @@ class DecodeWorker:
 
     async def abort(self, request_id: str) -> bool:
         return await self._svc.abort(request_id)
+
+    async def prefill_locally(self, req: PrefillRequest) -> bool:
+        return await self._svc.prefill_locally(req)
 
     async def status(self) -> WorkerStatus:
         return await self._svc.status()

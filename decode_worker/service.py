@@ -16,6 +16,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import torch
+
 from pdserve.api.errors import PdserveError
 from pdserve.api.messages import (
     ChannelAddress,
@@ -32,6 +34,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_transfer import (
     KIND_CANCEL,
     KIND_DONE,
+    KIND_KEEPALIVE,
     KIND_KV,
     RECEIVER,
     KVChannel,
@@ -46,14 +49,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class Reservation:
+    """Blocks held for one incoming transfer. `layer_end[i]` is how far layer i's tokens have
+    arrived without a gap; a sender that recomputes a preempted prompt re-sends ranges from
+    the start, which only overwrites slots with the same values."""
+
     transfer_id: int
     request: PrefillRequest
     block_ids: list[int]
     num_tokens: int
     channel: _Channel
+    layer_end: list[int]
     lock: threading.Lock = field(default_factory=threading.Lock)
-    received: int = 0
     closed: bool = False
+
+    def record(self, layer: int, start: int, n: int) -> None:
+        if start <= self.layer_end[layer]:
+            self.layer_end[layer] = max(self.layer_end[layer], start + n)
+
+    @property
+    def complete(self) -> bool:
+        return min(self.layer_end) >= self.num_tokens
 
 
 @dataclass(eq=False)
@@ -77,8 +92,14 @@ class _RequestInfo:
 
 class DecodeService:
     def __init__(
-        self, worker_id: str, config: EngineConfig, host: str, transfer_timeout_s: float
+        self,
+        worker_id: str,
+        config: EngineConfig,
+        host: str,
+        transfer_timeout_s: float,
+        threads: int = 1,
     ) -> None:
+        torch.set_num_threads(threads)
         self.worker_id = worker_id
         self.engine = LLMEngine(config)
         self.host = host
@@ -156,7 +177,9 @@ class DecodeService:
                         self.engine.device,
                     )
                     scatter_tokens(self.engine.kv_cache, msg.layer, slots, slice(None), msg.payload)
-                    res.received += n
+                    res.record(msg.layer, msg.token_start, n)
+            return
+        if msg.kind == KIND_KEEPALIVE:
             return
         with chan.cond:
             chan.expected -= 1
@@ -200,7 +223,8 @@ class DecodeService:
             blocks = self.engine.pool.allocate(num_blocks)
         except PdserveError as e:
             return ReserveReply(error_code=e.grpc_code, error=str(e))
-        res = Reservation(next(self._transfer_ids), req, blocks, len(tokens), chan)
+        layers = [0] * self.engine.model_config.num_layers
+        res = Reservation(next(self._transfer_ids), req, blocks, len(tokens), chan, layers)
         self._reservations[req.request_id] = res
         self._by_transfer[res.transfer_id] = res
         self._requests[req.request_id] = _RequestInfo(len(req.prompt_token_ids))
@@ -214,33 +238,38 @@ class DecodeService:
         if self._reservations.get(res.request.request_id) is not res:
             return
         with res.lock:
-            complete = res.received == res.num_tokens * self.engine.model_config.num_layers
-            if not complete:
-                self._fall_back(res, f"incomplete transfer ({res.received} token-layers)")
-                return
-            res.closed = True
+            complete = res.complete
+            if complete:
+                res.closed = True
+        if not complete:
+            self._fall_back(res, f"incomplete transfer (layers reached {res.layer_end})")
+            return
         self._forget(res)
+        req = res.request
         values = msg.payload.tolist()
         queue_s, prefill_s, transfer_s, logprob = values[:4]
         top = values[4:]
-        req = res.request
         lp = None
         if req.params.logprobs is not None:
             n = len(top) // 2
             lp = TokenLogprobs(
                 msg.first_token, logprob, tuple((int(t), v) for t, v in zip(top[:n], top[n:]))
             )
-        info = self._requests[req.request_id]
-        info.timings = Timings(queue_s=queue_s, prefill_s=prefill_s, transfer_s=transfer_s)
-        out = self.engine.add_prefilled(
-            req.request_id,
-            req.prompt_token_ids,
-            req.params,
-            res.block_ids,
-            msg.first_token,
-            lp,
-            req.output_token_ids,
-        )
+        self._requests[req.request_id].timings = Timings(queue_s, prefill_s, transfer_s)
+        try:
+            out = self.engine.add_prefilled(
+                req.request_id,
+                req.prompt_token_ids,
+                req.params,
+                res.block_ids,
+                msg.first_token,
+                lp,
+                req.output_token_ids,
+            )
+        except PdserveError as e:  # refused before the blocks changed hands
+            self.engine.pool.free(res.block_ids)
+            self._fail([req.request_id], f"admission failed: {e}")
+            return
         self._emit([out])
 
     def _fall_back(self, res: Reservation, reason: str) -> None:
@@ -266,6 +295,7 @@ class DecodeService:
             self.engine.pool.free(res.block_ids)
         self._forget(res)
         self._requests.pop(res.request.request_id, None)
+        self._wake.set()  # the freed blocks may unblock waiting requests
 
     def _forget(self, res: Reservation) -> None:
         self._reservations.pop(res.request.request_id, None)
@@ -277,7 +307,26 @@ class DecodeService:
             self._release(res)
             return True
         self._requests.pop(request_id, None)
+        self._wake.set()
         return self.engine.abort(request_id)
+
+    async def prefill_locally(self, req: PrefillRequest) -> bool:
+        """Prefills a request here, for when no prefill worker can hand its KV over. A request
+        this worker already knows (a reservation, or running) is left as it is."""
+        rid = req.request_id
+        if rid in self._reservations or self.engine.has_request(rid):
+            return True
+        self.engine.add_request(rid, req.prompt_token_ids, req.params, req.output_token_ids)
+        self._requests[rid] = _RequestInfo(len(req.prompt_token_ids))
+        self.num_fallbacks += 1
+        self._wake.set()
+        return True
+
+    def _fail(self, request_ids: list[str], error: str) -> None:
+        for rid in request_ids:
+            self._requests.pop(rid, None)
+            self._outbox.append(TokenDelta(rid, (), finish_reason="error", error=error))
+        self._wake.set()
 
     # --- the step loop and the token stream -------------------------------------------------
 
@@ -316,10 +365,17 @@ class DecodeService:
                 await self._wake.wait()
                 continue
             try:
-                self._emit(self.engine.step())
-            except Exception:
-                logger.exception("decode step failed")
-                raise
+                outputs = self.engine.step()
+            except Exception as e:  # the loop must outlive a bad step, or every request hangs
+                logger.exception("decode step failed; ending the requests in it")
+                self._fail(self.engine.abort_all(), f"decode step failed: {e}")
+                continue
+            self._emit(outputs)
+            if not outputs and not self.engine.scheduler.running:
+                # Waiting requests need blocks that reservations hold: sleep until some return.
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             await asyncio.sleep(0)
 
     async def stream(self) -> AsyncIterator[StepOutputs]:

@@ -11,6 +11,8 @@ header states, so the receiver always posts a receive of exactly the right size:
 - DONE:   the transfer is complete; carries the first sampled token and a float64 payload
           (timings, and the first token's logprobs when asked)
 - CANCEL: the sender gave the transfer up; the receiver frees what it reserved
+- KEEPALIVE: nothing; sent while transfers wait in the prefill queue, so the receiver's
+          timeout measures a silent peer, not a long queue
 
 Payloads are token-granular, so a transfer moves exactly layers x 2 x heads x head_dim x
 tokens x dtype bytes whatever the block size. A receive that times out breaks the group (see
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +34,7 @@ from pdserve.api.errors import TransferFailed
 logger = logging.getLogger(__name__)
 
 SENDER, RECEIVER = 0, 1
-KIND_KV, KIND_DONE, KIND_CANCEL = 1, 2, 3
+KIND_KV, KIND_DONE, KIND_CANCEL, KIND_KEEPALIVE = 1, 2, 3, 4
 _HEADER_LEN = 8
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -87,6 +90,7 @@ class KVChannel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.broken = False
+        self.last_send = time.monotonic()
 
     @staticmethod
     def host_store(host: str, timeout_s: float) -> dist.TCPStore:
@@ -136,6 +140,7 @@ class KVChannel:
             self.broken = True
             raise TransferFailed(f"send failed: {e}") from e
         self._pending.append((work, tensor))
+        self.last_send = time.monotonic()
 
     def send_kv(
         self, transfer_id: int, layer: int, token_start: int, payload: torch.Tensor
@@ -154,6 +159,9 @@ class KVChannel:
 
     def send_cancel(self, transfer_id: int) -> None:
         self._isend(self._header(KIND_CANCEL, transfer_id))
+
+    def send_keepalive(self) -> None:
+        self._isend(self._header(KIND_KEEPALIVE, 0))
 
     def flush(self) -> None:
         """Waits until every queued send has left; raises TransferFailed (and marks the
@@ -178,7 +186,7 @@ class KVChannel:
             if kind == KIND_DONE:
                 payload = self._recv(torch.empty(b, dtype=torch.float64, device=self._device))
                 return Message(kind, transfer_id, first_token=a, payload=payload)
-            if kind == KIND_CANCEL:
+            if kind in (KIND_CANCEL, KIND_KEEPALIVE):
                 return Message(kind, transfer_id)
             raise TransferFailed(f"unknown message kind {kind}")
         except RuntimeError as e:

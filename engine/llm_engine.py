@@ -154,6 +154,16 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
         return True
 
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._seqs
+
+    def abort_all(self) -> list[str]:
+        """Aborts every request (after a failed step); returns their ids."""
+        ids = list(self._seqs)
+        for rid in ids:
+            self.abort(rid)
+        return ids
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

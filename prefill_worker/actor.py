@@ -7,31 +7,35 @@ from it and stay torch-free; the service (and torch) load inside the actor's own
 from __future__ import annotations
 
 import ray
+from ray.actor import ActorHandle
 
 from pdserve.api.messages import PrefillRequest, PrefillResult, WorkerStatus
 from pdserve.api.naming import NAMESPACE, actor_name
+from pdserve.engine.config import EngineConfig
 
 
 class PrefillWorker:
-    def __init__(self, worker_id: str, engine_config, transfer_timeout_s: float, threads: int):
-        import torch
-
+    def __init__(
+        self, worker_id: str, engine_config: EngineConfig, transfer_timeout_s: float, threads: int
+    ) -> None:
         from pdserve.prefill_worker.service import PrefillService
 
-        torch.set_num_threads(threads)
-        self._handles: dict[str, object] = {}
-        self._svc = PrefillService(worker_id, engine_config, transfer_timeout_s, self._decode)
+        self._handles: dict[str, ActorHandle] = {}
+        self._svc = PrefillService(
+            worker_id, engine_config, transfer_timeout_s, self._decode, threads
+        )
 
-    def _decode(self, worker_id: str):
+    def _decode(self, worker_id: str) -> ActorHandle:
         handle = self._handles.get(worker_id)
         if handle is None:
             handle = ray.get_actor(actor_name(worker_id), namespace=NAMESPACE)
             self._handles[worker_id] = handle
         return handle
 
-    async def start(self) -> str:
+    async def start(self) -> int:
+        """Starts the step loop; returns the longest sequence this worker accepts."""
         await self._svc.start()
-        return self._svc.worker_id
+        return self._svc.engine.max_model_len
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         return await self._svc.prefill(req)

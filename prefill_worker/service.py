@@ -14,8 +14,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from pdserve.api.errors import PdserveError, TransferFailed
+import torch
+
+from pdserve.api.errors import NotFound, PdserveError, TransferFailed
 from pdserve.api.messages import ChannelAddress, PrefillRequest, PrefillResult, WorkerStatus
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_transfer import SENDER, KVChannel, gather_tokens, token_slots
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Channel:
+    decode_id: str
     kv: KVChannel
     epoch: int
     fail_after_messages: int | None = None
@@ -53,8 +57,10 @@ class PrefillService:
         worker_id: str,
         config: EngineConfig,
         transfer_timeout_s: float,
-        decode_handle: Callable[[str], object],
+        decode_handle: Callable[[str], Any],
+        threads: int = 1,
     ) -> None:
+        torch.set_num_threads(threads)
         self.worker_id = worker_id
         self.engine = LLMEngine(config)
         self.timeout_s = transfer_timeout_s
@@ -76,10 +82,17 @@ class PrefillService:
         try:
             self.engine.check_request(req.request_id, req.prompt_token_ids, req.output_token_ids)
             transfer = await self._reserve(req, arrived)
-        except PdserveError as e:
-            return PrefillResult(req.request_id, False, e.grpc_code, str(e))
-        finally:
+        except TransferFailed as e:
+            # NOTE: no channel to the decode worker: it prefills the request itself.
+            logger.warning("request %s: %s; the decode worker prefills it", req.request_id, e)
             aborted = self._reserving.pop(req.request_id)
+            if not aborted:
+                await self._decode_handle(req.decode_worker).prefill_locally.remote(req)
+            return PrefillResult(req.request_id, not aborted, None if not aborted else "CANCELLED")
+        except PdserveError as e:
+            self._reserving.pop(req.request_id)
+            return PrefillResult(req.request_id, False, e.grpc_code, str(e))
+        aborted = self._reserving.pop(req.request_id)
         if aborted:
             self._cancel(transfer)
             return PrefillResult(req.request_id, False, "CANCELLED", "aborted")
@@ -99,7 +112,7 @@ class PrefillService:
             reply = await decode.reserve.remote(req, self.worker_id, chan.epoch)
             if not reply.stale_channel:
                 break
-            self._drop_channel(req.decode_worker, chan)
+            self._drop_channel(chan)
         else:
             raise TransferFailed(f"no usable KV channel to {req.decode_worker}")
         if reply.error_code:
@@ -125,19 +138,37 @@ class PrefillService:
         addr: ChannelAddress = await self._decode_handle(decode_id).open_channel.remote(
             self.worker_id
         )
-        kv = await asyncio.to_thread(
-            KVChannel.join, addr.host, addr.port, SENDER, self.engine.device, self.timeout_s
-        )
-        chan = _Channel(kv, addr.epoch)
+        try:
+            kv = await asyncio.to_thread(
+                KVChannel.join, addr.host, addr.port, SENDER, self.engine.device, self.timeout_s
+            )
+        except Exception as e:  # the store or the group could not be reached
+            raise TransferFailed(f"cannot join the KV channel of {decode_id}: {e}") from e
+        old = self._channels.get(decode_id)
+        if old is not None:
+            self._drop_channel(old)
+        chan = _Channel(decode_id, kv, addr.epoch)
         self._channels[decode_id] = chan
         logger.info("KV channel to %s open (epoch %d)", decode_id, addr.epoch)
         return chan
 
-    def _drop_channel(self, decode_id: str, chan: _Channel) -> None:
+    def _drop_channel(self, chan: _Channel) -> None:
+        """Closes the channel, so a receiver blocked on it fails at once rather than at its
+        timeout; the next request to that decode worker builds a new one."""
         self.kv_bytes_sent += chan.kv.bytes_sent
+        chan.kv.bytes_sent = 0
         chan.kv.close()
-        if self._channels.get(decode_id) is chan:
-            del self._channels[decode_id]
+        if self._channels.get(chan.decode_id) is chan:
+            del self._channels[chan.decode_id]
+
+    def _channel_failed(self, chan: _Channel, error: Exception) -> None:
+        """Every transfer on a failed channel is given up; the decode worker sees the channel
+        close and prefills those requests itself."""
+        logger.warning("KV channel to %s failed: %s", chan.decode_id, error)
+        for t in self._transfers.values():
+            if t.channel is chan:
+                t.failed = True
+        self._drop_channel(chan)
 
     async def abort(self, request_id: str) -> bool:
         if request_id in self._reserving:
@@ -163,7 +194,7 @@ class PrefillService:
         messages, as a dying link would, mid-transfer."""
         chan = self._channels.get(decode_id)
         if chan is None:
-            raise KeyError(f"no KV channel to {decode_id}")
+            raise NotFound(f"no KV channel to {decode_id}")
         chan.fail_after_messages = after_messages
 
     # --- the step loop ----------------------------------------------------------------------
@@ -176,13 +207,34 @@ class PrefillService:
                 continue
             try:
                 outputs = self.engine.step(self._ship_layer)
-            except Exception:
-                logger.exception("prefill step failed")
-                raise
+            except Exception as e:  # the loop must outlive a bad step, or every request hangs
+                logger.exception("prefill step failed; ending the requests in it")
+                self._fail_all(f"prefill step failed: {e}")
+                continue
             self._flush_channels()
             for out in outputs:
                 self._finish(out)
+            self._keep_alive()
             await asyncio.sleep(0)
+
+    def _fail_all(self, error: str) -> None:
+        self.engine.abort_all()
+        for rid, t in list(self._transfers.items()):
+            del self._transfers[rid]
+            self._cancel(t)
+            t.done.set_result(PrefillResult(rid, False, "INTERNAL", error))
+
+    def _keep_alive(self) -> None:
+        """Queued transfers send nothing for a while; tell their receivers the peer lives."""
+        now = time.monotonic()
+        for chan in {id(t.channel): t.channel for t in self._transfers.values()}.values():
+            live = self._channels.get(chan.decode_id) is chan
+            if live and now - chan.kv.last_send > self.timeout_s / 4:
+                try:
+                    chan.kv.send_keepalive()
+                    chan.kv.flush()
+                except TransferFailed as e:
+                    self._channel_failed(chan, e)
 
     def _ship_layer(self, scheduled: list[ScheduledSeq], layer: int) -> None:
         """Runs inside the forward pass, right after `layer` wrote its KV."""
@@ -209,13 +261,11 @@ class PrefillService:
         try:
             if chan.fail_after_messages is not None:
                 if chan.fail_after_messages <= 0:
-                    chan.kv.close()
                     raise TransferFailed("channel closed by an injected fault")
                 chan.fail_after_messages -= 1
             op(chan.kv, *args)
         except TransferFailed as e:
-            logger.warning("request %s: KV send failed: %s", t.request.request_id, e)
-            t.failed = True
+            self._channel_failed(chan, e)
 
     def _flush_channels(self) -> None:
         t0 = time.monotonic()
@@ -224,10 +274,7 @@ class PrefillService:
             try:
                 chan.kv.flush()
             except TransferFailed as e:
-                logger.warning("KV channel flush failed: %s", e)
-                for t in self._transfers.values():
-                    if t.channel is chan:
-                        t.failed = True
+                self._channel_failed(chan, e)
         elapsed = time.monotonic() - t0
         for t in self._transfers.values():
             t.transfer_s += elapsed
@@ -256,7 +303,7 @@ class PrefillService:
             try:
                 t.channel.kv.flush()
             except TransferFailed as e:
-                logger.warning("request %s: DONE not delivered: %s", out.request_id, e)
+                self._channel_failed(t.channel, e)
         if not t.done.done():
             t.done.set_result(PrefillResult(out.request_id, True))
 

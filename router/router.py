@@ -37,7 +37,11 @@ Send = Callable[[pb.GenerateResponse], Awaitable[None]]
 
 @dataclass(eq=False)
 class _InFlight:
+    """`attempt_id` is what workers see: unique per attempt, so a client that reuses its
+    request id (a retry) never meets the deltas or aborts of the earlier attempt."""
+
     request_id: str
+    attempt_id: str
     assignment: Assignment
     prefill: asyncio.Task[None] | None = None
     # Set once the decode worker sent the request's final delta (its blocks are free).
@@ -103,7 +107,7 @@ class Router:
     async def generate(self, request: pb.GenerateRequest, send: Send) -> None:
         """Runs one request, calling `send` for each response message; raises a
         `PdserveError` to end the RPC with its status code."""
-        arrival, arrival_wall = time.monotonic(), time.time()
+        arrival = time.monotonic()
         if len(self._inflight) >= self.max_inflight:
             raise CapacityExceeded(
                 f"{len(self._inflight)} requests in flight; the router takes {self.max_inflight}"
@@ -119,8 +123,10 @@ class Router:
         params = valid.params
         if params.seed is None:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
-        flight = _InFlight(request_id, self._placer.place())
-        queue = self._streams.register(request_id, flight.assignment.decode)
+        flight = _InFlight(
+            request_id, f"{request_id}/{uuid.uuid4().hex[:12]}", self._placer.place()
+        )
+        queue = self._streams.register(flight.attempt_id, flight.assignment.decode)
         self._inflight[request_id] = flight
         try:
             builder = ResponseBuilder(
@@ -132,11 +138,10 @@ class Router:
                 valid.skip_special_tokens,
             )
             prefill_request = PrefillRequest(
-                request_id=request_id,
+                request_id=flight.attempt_id,
                 prompt_token_ids=valid.prompt_token_ids,
                 params=params,
                 decode_worker=flight.assignment.decode,
-                arrival_time=arrival_wall,
             )
             flight.prefill = asyncio.create_task(self._prefill(flight, prefill_request))
             while builder.finish_reason is None:
@@ -156,33 +161,47 @@ class Router:
         flight = self._inflight.get(request_id)
         if flight is None:
             raise NotFound(f"request_id: no request {request_id!r} is in flight")
-        self._streams.push(request_id, TokenDelta(request_id, (), finish_reason="abort"))
+        attempt = flight.attempt_id
+        self._streams.push(attempt, TokenDelta(attempt, (), finish_reason="abort"))
         await self._abort_on_workers(flight)
 
     async def cluster_status(self) -> pb.ClusterStatus:
         return await cluster_status(self)
 
     async def _prefill(self, flight: _InFlight, request: PrefillRequest) -> None:
-        """Makes the prefill call; a failure reaches the request's queue as a `Failure`."""
+        """Makes the prefill call; a failure reaches the request's queue as a `Failure`.
+
+        If the prefill worker itself fails (it died, or its call raised), the decode worker
+        prefills the request: it has the whole request, and seeded sampling makes the result
+        the same."""
         worker = flight.assignment.prefill
+        failure = None
         try:
             result = await self.prefill_workers[worker].prefill.remote(request)
         except Exception as e:
-            failure = Failure("UNAVAILABLE", f"prefill worker {worker}: {type(e).__name__}: {e}")
+            logger.warning(
+                "prefill worker %s failed (%s); decode prefills %s", worker, e, flight.request_id
+            )
+            decode = flight.assignment.decode
+            try:
+                await self.decode_workers[decode].prefill_locally.remote(request)
+            except Exception as e2:
+                failure = Failure(
+                    "UNAVAILABLE", f"prefill worker {worker}: {e}; decode worker {decode}: {e2}"
+                )
         else:
-            failure = None
             if not result.ok:
                 failure = Failure(result.error_code or "INTERNAL", result.error or "prefill failed")
         finally:
             self._placer.prefill_done(flight.assignment)
         if failure is not None:
-            self._streams.push(flight.request_id, failure)
+            self._streams.push(flight.attempt_id, failure)
 
     def _finish(self, flight: _InFlight) -> None:
         """Drops the request's state; unless the decode worker finished it, aborts it on the
         workers in the background (this runs on cancellation too, so it must not wait)."""
         del self._inflight[flight.request_id]
-        self._streams.unregister(flight.request_id)
+        self._streams.unregister(flight.attempt_id)
         self._placer.decode_done(flight.assignment)
         if not flight.decode_finished:
             self._spawn(self._abort_on_workers(flight))
@@ -193,11 +212,11 @@ class Router:
         if flight.aborted:
             return
         flight.aborted = True
-        calls = [self.decode_workers[flight.assignment.decode].abort.remote(flight.request_id)]
+        calls = [self.decode_workers[flight.assignment.decode].abort.remote(flight.attempt_id)]
         if flight.prefill is not None and not flight.prefill.done():
             flight.prefill.cancel()
             calls.append(
-                self.prefill_workers[flight.assignment.prefill].abort.remote(flight.request_id)
+                self.prefill_workers[flight.assignment.prefill].abort.remote(flight.attempt_id)
             )
         for outcome in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(outcome, Exception):
