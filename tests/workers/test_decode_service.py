@@ -1,0 +1,83 @@
+"""The decode worker's service on its own event loop (no Ray): transfer bookkeeping, local
+prefill, and a step loop that outlives a failed step."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pdserve.api.messages import PrefillRequest
+from pdserve.api.sampling import SamplingParams
+from pdserve.decode_worker.service import DecodeService, Reservation
+from pdserve.engine.config import EngineConfig
+
+PARAMS = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, seed=1)
+
+
+def test_transfer_is_complete_only_when_every_layer_arrived_without_gaps():
+    res = Reservation(1, None, [0, 1], 20, None, [0, 0])
+    res.record(0, 0, 16)
+    res.record(1, 0, 16)
+    assert not res.complete
+    res.record(0, 16, 4)
+    res.record(1, 17, 3)  # a gap at token 16: not counted
+    assert not res.complete
+    res.record(1, 0, 16)  # a preempted sender starts over; re-sent ranges do no harm
+    res.record(1, 16, 4)
+    assert res.complete
+
+
+async def _next_deltas(svc: DecodeService, timeout: float = 30.0):
+    stream = svc.stream()
+    deltas = {}
+    while True:
+        outputs = await asyncio.wait_for(anext(stream), timeout)
+        for d in outputs.deltas:
+            deltas.setdefault(d.request_id, []).append(d)
+            if d.finish_reason:
+                return d.request_id, deltas
+
+
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_loop_serves_on(tiny_llama_dir):
+    async def scenario():
+        svc = DecodeService(
+            "decode-t", EngineConfig(model=str(tiny_llama_dir), num_blocks=32), "127.0.0.1", 5.0
+        )
+        await svc.start()
+        await svc.prefill_locally(PrefillRequest("bad", (5, 6, 7, 8), PARAMS, "decode-t"))
+        svc.engine.scheduler.waiting[0].token_ids[1] = 10**6  # corrupt: the forward raises
+        rid, deltas = await _next_deltas(svc)
+        assert rid == "bad" and deltas["bad"][-1].finish_reason == "error"
+        assert "decode step failed" in deltas["bad"][-1].error
+        assert svc.engine.pool.num_free == 32 and not svc.engine.has_unfinished()
+
+        await svc.prefill_locally(PrefillRequest("good", (5, 6, 7, 8), PARAMS, "decode-t"))
+        rid, deltas = await _next_deltas(svc)
+        assert rid == "good" and deltas["good"][-1].finish_reason == "length"
+        assert sum(len(d.token_ids) for d in deltas["good"]) == 4
+
+    asyncio.run(scenario())
+
+
+def test_local_prefill_of_a_known_request_is_ignored(tiny_llama_dir):
+    async def scenario():
+        svc = DecodeService(
+            "decode-t", EngineConfig(model=str(tiny_llama_dir), num_blocks=32), "127.0.0.1", 5.0
+        )
+        req = PrefillRequest("r", (5, 6, 7), PARAMS, "decode-t")
+        assert await svc.prefill_locally(req)
+        assert await svc.prefill_locally(req)
+        assert len(svc.engine.scheduler.waiting) == 1
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A service sets the process's torch threads, as its worker process wants."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
