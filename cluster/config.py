@@ -33,6 +33,7 @@ class PrefillConfig:
     workers: int = 1
     tp: int = 1
     token_budget: int = 2048  # tokens per prefill step; longer prompts are chunked
+    max_num_seqs: int = 256  # prompts in one prefill step
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class DecodeConfig:
     workers: int = 1
     tp: int = 1
     max_num_seqs: int = 256  # sequences in one decode batch
+    token_budget: int = 2048  # tokens per decode step, when it prefills a request itself
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,14 @@ class ClusterConfig:
             _check(
                 part.tp == 1, f"{role}.tp", "only 1 is supported until tensor-parallel workers land"
             )
-        _check(self.prefill.token_budget >= 1, "prefill.token_budget", "must be >= 1")
-        _check(self.decode.max_num_seqs >= 1, "decode.max_num_seqs", "must be >= 1")
+        for key in (
+            "prefill.token_budget",
+            "prefill.max_num_seqs",
+            "decode.token_budget",
+            "decode.max_num_seqs",
+        ):
+            role, name = key.split(".")
+            _check(getattr(getattr(self, role), name) >= 1, key, "must be >= 1")
         _check(self.kv_transfer.timeout_s > 0, "kv_transfer.timeout_s", "must be > 0")
         _check(
             self.router.policy in POLICIES, "router.policy", f"must be one of {', '.join(POLICIES)}"

@@ -10,14 +10,19 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pdserve.api.naming import NAMESPACE, actor_name
 from pdserve.cluster.config import ClusterConfig, read_api_keys
 from pdserve.engine.config import EngineConfig, ModelConfig
 
+if TYPE_CHECKING:
+    from pdserve.router.router import Router
+
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def start_ray(config: ClusterConfig, address: str | None) -> None:
@@ -62,8 +67,10 @@ def _engine_config(config: ClusterConfig, role: str) -> EngineConfig:
         block_size=config.block_size,
         num_blocks=config.kv_cache.num_blocks,
         kv_memory_fraction=config.kv_cache.memory_fraction,
-        max_num_seqs=256 if prefill else config.decode.max_num_seqs,
-        max_num_batched_tokens=config.prefill.token_budget if prefill else 2048,
+        max_num_seqs=config.prefill.max_num_seqs if prefill else config.decode.max_num_seqs,
+        max_num_batched_tokens=(
+            config.prefill.token_budget if prefill else config.decode.token_budget
+        ),
     )
 
 
@@ -119,7 +126,9 @@ def stop_workers(workers: Workers) -> None:
             logger.debug("killing a worker: %s", e)
 
 
-async def start_router(config: ClusterConfig, workers: Workers, listen: str | None = None):
+async def start_router(
+    config: ClusterConfig, workers: Workers, listen: str | None = None
+) -> tuple[Router, int]:
     """Starts the gRPC router in the running event loop; returns (router, port)."""
     from pdserve.api.tokenizer import Tokenizer
     from pdserve.router.auth import ServerTLS
@@ -169,7 +178,7 @@ class BackgroundCluster:
         self.target = f"{host}:{port}"
         return self
 
-    def run(self, coro, timeout: float | None = 60):
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60) -> T:
         """Runs a coroutine on the router's loop and returns its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
@@ -187,7 +196,9 @@ class BackgroundCluster:
         self.stop()
 
 
-async def serve_forever(config: ClusterConfig, address: str | None, on_ready=None) -> None:
+async def serve_forever(
+    config: ClusterConfig, address: str | None, on_ready: Callable[[int], None] | None = None
+) -> None:
     """The `pdserve serve` main loop: runs until SIGINT or SIGTERM, then stops the router
     and every worker it started."""
     import signal

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from pdserve.api.errors import PdserveError
 from pdserve.api.messages import (
@@ -140,7 +141,7 @@ class DecodeService:
         ).start()
         return ChannelAddress(self.host, store.port, chan.epoch)
 
-    def _serve_channel(self, chan: _Channel, store) -> None:
+    def _serve_channel(self, chan: _Channel, store: dist.TCPStore) -> None:
         try:
             chan.kv = KVChannel.join(
                 self.host, store.port, RECEIVER, self.engine.device, self.timeout_s, store

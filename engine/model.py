@@ -49,7 +49,15 @@ class DecoderLayer(nn.Module):
         self.gate_up = _param(2 * self.intermediate, cfg.hidden_size, **kw)
         self.down = _param(cfg.hidden_size, self.intermediate, **kw)
 
-    def attention(self, x, positions, cos_sin, batch, k_cache, v_cache) -> torch.Tensor:
+    def attention(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        batch: AttentionBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
         t = x.shape[0]
         qkv = F.linear(x, self.qkv, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)

@@ -42,7 +42,7 @@ class _Transfer:
     transfer_id: int
     channel: _Channel
     cached_tokens: int
-    done: asyncio.Future
+    done: asyncio.Future[PrefillResult]
     arrived: float
     started: float | None = None
     transfer_s: float = 0.0

@@ -112,7 +112,6 @@ def test_cancelling_mid_transfer_frees_every_block(cluster, client):
     stream = client.generate(_long_prompt(), max_tokens=200, temperature=0, ignore_eos=True)
     # a reservation on the decode worker while the prefill worker still computes chunks
     _wait_for(cluster, "decode-0", lambda s: s.waiting == 1)
-    assert worker_status(cluster, "prefill-0").running == 1
     assert _cancelled(stream) == grpc.StatusCode.CANCELLED
     _assert_idle_and_serving(cluster, client, "mid-transfer")
 
