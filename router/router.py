@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import random
 import time
@@ -31,6 +32,8 @@ from pdserve.router.streams import DecodeStreams, Failure
 from pdserve.router.validation import validate
 
 logger = logging.getLogger(__name__)
+
+LONG_INPUT_BYTES = 8192
 
 Send = Callable[[pb.GenerateResponse], Awaitable[None]]
 
@@ -112,9 +115,20 @@ class Router:
             raise CapacityExceeded(
                 f"{len(self._inflight)} requests in flight; the router takes {self.max_inflight}"
             )
-        valid = validate(
-            request, self.tokenizer, vocab_size=self.vocab_size, max_model_len=self.max_model_len
+        check = functools.partial(
+            validate,
+            request,
+            self.tokenizer,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
         )
+        # NOTE: tokenizing a long text or chat takes milliseconds; off the loop, it does not
+        # stall every other stream. Short prompts are cheaper inline than a thread hop.
+        long_input = request.ByteSize() > LONG_INPUT_BYTES and request.WhichOneof("input") in (
+            "text",
+            "chat",
+        )
+        valid = await asyncio.to_thread(check) if long_input else check()
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._inflight:
             raise RequestFailed(
