@@ -134,6 +134,8 @@ class KVChannel:
         return torch.tensor(values, dtype=torch.int64, device=self._device)
 
     def _isend(self, tensor: torch.Tensor) -> None:
+        if self._group is None:
+            raise TransferFailed("the channel is closed")
         try:
             work = self._group.send([tensor], self._peer, 0)
         except RuntimeError as e:
@@ -176,6 +178,8 @@ class KVChannel:
 
     def recv(self) -> Message:
         """Blocks for the next message; raises TransferFailed on timeout or a dead peer."""
+        if self._group is None:
+            raise TransferFailed("the channel is closed")
         try:
             header = self._recv(torch.empty(_HEADER_LEN, dtype=torch.int64, device=self._device))
             kind, transfer_id, a, b, c, d, e, f = header.tolist()
@@ -194,13 +198,17 @@ class KVChannel:
             raise TransferFailed(f"receive failed: {e}") from e
 
     def close(self) -> None:
-        """Tears the group down; a peer blocked on it fails instead of waiting out the timeout."""
+        """Tears the group down; a peer blocked on it fails at once instead of waiting out the
+        timeout. NOTE: `abort()` alone leaves gloo's sockets open; dropping the last reference
+        to the group is what closes them."""
         self.broken = True
         self._pending = []
-        try:
-            self._group.abort()
-        except RuntimeError as e:
-            logger.debug("closing a KV channel: %s", e)
+        group, self._group = self._group, None
+        if group is not None:
+            try:
+                group.abort()
+            except RuntimeError as e:
+                logger.debug("closing a KV channel: %s", e)
 
     def _recv(self, buf: torch.Tensor) -> torch.Tensor:
         self._group.recv([buf], self._peer, 0).wait()

@@ -1,0 +1,98 @@
+"""KV channels over a real 2-rank gloo group (both ends in this process, one per thread)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from pdserve.api.errors import TransferFailed
+from pdserve.engine.kv_pool import allocate_kv_cache
+from pdserve.engine.kv_transfer import (
+    KIND_CANCEL,
+    KIND_DONE,
+    KIND_KEEPALIVE,
+    KIND_KV,
+    RECEIVER,
+    SENDER,
+    KVChannel,
+    gather_tokens,
+    scatter_tokens,
+    token_slots,
+)
+
+CPU = torch.device("cpu")
+
+
+def _pair(timeout_s: float = 5.0) -> tuple[KVChannel, KVChannel]:
+    store = KVChannel.host_store("127.0.0.1", timeout_s)
+    ends: dict[str, KVChannel] = {}
+    receiver = threading.Thread(
+        target=lambda: ends.update(
+            r=KVChannel.join("127.0.0.1", store.port, RECEIVER, CPU, timeout_s, store)
+        )
+    )
+    receiver.start()
+    sender = KVChannel.join("127.0.0.1", store.port, SENDER, CPU, timeout_s)
+    receiver.join()
+    return sender, ends["r"]
+
+
+def test_layer_payloads_land_in_the_receivers_own_blocks():
+    src = allocate_kv_cache(2, 8, 2, 4, 8, torch.float32, CPU)
+    src.normal_()
+    dst = allocate_kv_cache(2, 8, 2, 4, 8, torch.float32, CPU)
+    src_blocks, dst_blocks = [5, 1, 6], [0, 7, 3]
+    sender, receiver = _pair()
+    for layer in range(2):
+        payload = gather_tokens(src, layer, token_slots(src_blocks, 4, 0, 10, CPU), slice(None))
+        sender.send_kv(7, layer, 0, payload)
+    sender.send_done(7, 42, [0.1, 0.2])
+    sender.send_cancel(8)
+    sender.send_keepalive()
+    for layer in range(2):
+        msg = receiver.recv()
+        assert (msg.kind, msg.transfer_id, msg.layer, msg.token_start) == (KIND_KV, 7, layer, 0)
+        scatter_tokens(dst, layer, token_slots(dst_blocks, 4, 0, 10, CPU), slice(None), msg.payload)
+    done = receiver.recv()
+    assert (done.kind, done.first_token, done.payload.tolist()) == (KIND_DONE, 42, [0.1, 0.2])
+    assert receiver.recv().kind == KIND_CANCEL
+    assert receiver.recv().kind == KIND_KEEPALIVE
+    sender.flush()
+    for layer in range(2):
+        for kv in range(2):
+            got = dst[layer, kv, dst_blocks].transpose(0, 1).reshape(2, -1, 8)[:, :10]
+            want = src[layer, kv, src_blocks].transpose(0, 1).reshape(2, -1, 8)[:, :10]
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # exactly tokens x layers x (k, v) x heads x head_dim x 4 bytes, not whole blocks
+    assert sender.bytes_sent == receiver.bytes_received == 10 * 2 * 2 * 2 * 8 * 4
+
+
+def test_a_closed_peer_fails_the_receiver_instead_of_hanging():
+    sender, receiver = _pair(timeout_s=30.0)
+    errors: list[Exception] = []
+    waiting = threading.Thread(target=lambda: _recv_into(receiver, errors))
+    waiting.start()
+    time.sleep(0.2)
+    start = time.monotonic()
+    sender.close()
+    waiting.join(timeout=20)
+    assert not waiting.is_alive(), "the receiver still waits on a closed channel"
+    assert time.monotonic() - start < 15
+    assert errors and isinstance(errors[0], TransferFailed) and receiver.broken
+
+
+def _recv_into(channel: KVChannel, errors: list[Exception]) -> None:
+    try:
+        channel.recv()
+    except TransferFailed as e:
+        errors.append(e)
+
+
+def test_a_silent_peer_times_out_into_transfer_failed():
+    _, receiver = _pair(timeout_s=1.0)
+    with pytest.raises(TransferFailed):
+        receiver.recv()
+    assert receiver.broken
