@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from pdserve.engine.kv_transfer import (
 from pdserve.engine.llm_engine import LLMEngine, StepOutput
 
 logger = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_S = 0.0002
 
 
 @dataclass(eq=False)
@@ -101,6 +104,12 @@ class DecodeService:
         threads: int = 1,
     ) -> None:
         torch.set_num_threads(threads)
+        # NOTE: the KV receiver threads (and Ray's RPC threads) need the GIL back after every
+        # blocking call while the step loop holds it; at Python's default 5 ms switch interval
+        # each message of a transfer could wait that long. Measured with `pdserve bench` at
+        # 8 req/s: TTFT p50 221 -> 188 ms, TPOT p50 16.3 -> 9.7 ms. (The prefill worker, whose
+        # step is the long one, is better off with the default.)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.worker_id = worker_id
         self.engine = LLMEngine(config)
         self.host = host

@@ -74,10 +74,13 @@ def test_local_prefill_of_a_known_request_is_ignored(tiny_llama_dir):
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """A service sets the process's torch threads, as its worker process wants."""
+def _restore_process_settings():
+    """A service sets its process's torch threads and GIL switch interval."""
+    import sys
+
     import torch
 
-    threads = torch.get_num_threads()
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
     yield
     torch.set_num_threads(threads)
+    sys.setswitchinterval(interval)
