@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,12 +38,20 @@ class _Channel:
 
 @dataclass(eq=False)
 class _Transfer:
+    """One request's KV on its way to a decode worker.
+
+    The prompt computes while the reservation travels: until it lands (`channel is None`),
+    finished layers wait in `stash` and a sampled first token in `first`.
+    """
+
     request: PrefillRequest
-    transfer_id: int
-    channel: _Channel
-    cached_tokens: int
     done: asyncio.Future[PrefillResult]
     arrived: float
+    transfer_id: int = -1
+    channel: _Channel | None = None
+    cached_tokens: int = 0
+    stash: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    first: tuple[int, list[float]] | None = None
     started: float | None = None
     transfer_s: float = 0.0
     failed: bool = False
@@ -68,8 +76,6 @@ class PrefillService:
         self._channels: dict[str, _Channel] = {}
         self._opening: dict[str, asyncio.Task] = {}
         self._transfers: dict[str, _Transfer] = {}
-        # request id -> aborted while waiting for its reservation
-        self._reserving: dict[str, bool] = {}
         self._wake = asyncio.Event()
         self.kv_bytes_sent = 0
 
@@ -77,35 +83,48 @@ class PrefillService:
         asyncio.get_running_loop().create_task(self._step_loop())
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
-        arrived = time.monotonic()
-        self._reserving[req.request_id] = False
+        rid = req.request_id
         try:
-            self.engine.check_request(req.request_id, req.prompt_token_ids, req.output_token_ids)
-            transfer = await self._reserve(req, arrived)
-        except TransferFailed as e:
-            # NOTE: no channel to the decode worker: it prefills the request itself.
-            logger.warning("request %s: %s; the decode worker prefills it", req.request_id, e)
-            aborted = self._reserving.pop(req.request_id)
-            if not aborted:
-                await self._decode_handle(req.decode_worker).prefill_locally.remote(req)
-            return PrefillResult(req.request_id, not aborted, None if not aborted else "CANCELLED")
+            self.engine.check_request(rid, req.prompt_token_ids, req.output_token_ids)
         except PdserveError as e:
-            self._reserving.pop(req.request_id)
-            return PrefillResult(req.request_id, False, e.grpc_code, str(e))
-        aborted = self._reserving.pop(req.request_id)
-        if aborted:
-            self._cancel(transfer)
-            return PrefillResult(req.request_id, False, "CANCELLED", "aborted")
-        self._transfers[req.request_id] = transfer
+            return PrefillResult(rid, False, e.grpc_code, str(e))
+        t = _Transfer(req, asyncio.get_running_loop().create_future(), time.monotonic())
+        self._transfers[rid] = t
         # The prefill engine only samples the first token; the decode worker does the rest.
         first_only = dataclasses.replace(req.params, max_tokens=1)
-        self.engine.add_request(
-            req.request_id, req.prompt_token_ids, first_only, req.output_token_ids
-        )
+        self.engine.add_request(rid, req.prompt_token_ids, first_only, req.output_token_ids)
         self._wake.set()
-        return await transfer.done
+        try:
+            t.transfer_id, t.channel, t.cached_tokens = await self._reserve(req)
+        except TransferFailed as e:
+            self._drop(t)
+            if not t.done.done():  # no channel to the decode worker: it prefills the request
+                logger.warning("request %s: %s; the decode worker prefills it", rid, e)
+                await self._decode_handle(req.decode_worker).prefill_locally.remote(req)
+                t.done.set_result(PrefillResult(rid, True))
+            return await t.done
+        except PdserveError as e:
+            self._drop(t)
+            if not t.done.done():
+                t.done.set_result(PrefillResult(rid, False, e.grpc_code, str(e)))
+            return await t.done
+        if t.done.done():  # aborted, or a failed step, while the reservation travelled
+            self._cancel(t)
+            return t.done.result()
+        for layer, start, payload in t.stash:
+            self._send_kv(t, layer, start, payload)
+        t.stash = []
+        if t.first is not None:
+            self._send_done(t)
+        return await t.done
 
-    async def _reserve(self, req: PrefillRequest, arrived: float) -> _Transfer:
+    def _drop(self, t: _Transfer) -> None:
+        if self._transfers.get(t.request.request_id) is t:
+            del self._transfers[t.request.request_id]
+            self.engine.abort(t.request.request_id)
+
+    async def _reserve(self, req: PrefillRequest) -> tuple[int, _Channel, int]:
+        """Reserves blocks on the decode worker: (transfer id, channel, cached tokens)."""
         decode = self._decode_handle(req.decode_worker)
         for _ in range(2):
             chan = await self._channel(req.decode_worker)
@@ -117,8 +136,7 @@ class PrefillService:
             raise TransferFailed(f"no usable KV channel to {req.decode_worker}")
         if reply.error_code:
             raise _RemoteError(reply.error_code, reply.error or "")
-        future = asyncio.get_running_loop().create_future()
-        return _Transfer(req, reply.transfer_id, chan, reply.cached_tokens, future, arrived)
+        return reply.transfer_id, chan, reply.cached_tokens
 
     async def _channel(self, decode_id: str) -> _Channel:
         chan = self._channels.get(decode_id)
@@ -171,9 +189,6 @@ class PrefillService:
         self._drop_channel(chan)
 
     async def abort(self, request_id: str) -> bool:
-        if request_id in self._reserving:
-            self._reserving[request_id] = True
-            return True
         transfer = self._transfers.pop(request_id, None)
         if transfer is None:
             return False
@@ -183,6 +198,8 @@ class PrefillService:
         return True
 
     def _cancel(self, transfer: _Transfer) -> None:
+        if transfer.channel is None:
+            return  # prefill() cancels it once the reservation lands
         try:
             transfer.channel.kv.send_cancel(transfer.transfer_id)
             transfer.channel.kv.flush()
@@ -227,7 +244,8 @@ class PrefillService:
     def _keep_alive(self) -> None:
         """Queued transfers send nothing for a while; tell their receivers the peer lives."""
         now = time.monotonic()
-        for chan in {id(t.channel): t.channel for t in self._transfers.values()}.values():
+        transfers = [t for t in self._transfers.values() if t.channel is not None]
+        for chan in {id(t.channel): t.channel for t in transfers}.values():
             live = self._channels.get(chan.decode_id) is chan
             if live and now - chan.kv.last_send > self.timeout_s / 4:
                 try:
@@ -246,7 +264,9 @@ class PrefillService:
                 continue
             if t.started is None:
                 t.started = now
-            start = max(seq.num_computed, t.cached_tokens)
+            start = seq.num_computed
+            if t.channel is not None:
+                start = max(start, t.cached_tokens)
             end = seq.num_computed + item.num_tokens
             if start >= end:
                 continue
@@ -254,7 +274,16 @@ class PrefillService:
                 seq.block_ids, self.engine.config.block_size, start, end, self.engine.device
             )
             payload = gather_tokens(self.engine.kv_cache, layer, slots, slice(None))
-            self._send(t, KVChannel.send_kv, t.transfer_id, layer, start, payload)
+            if t.channel is None:
+                t.stash.append((layer, start, payload))
+            else:
+                self._send_kv(t, layer, start, payload)
+
+    def _send_kv(self, t: _Transfer, layer: int, start: int, payload: torch.Tensor) -> None:
+        """Sends the tokens of `payload` that the decode worker does not hold already."""
+        skip = max(0, t.cached_tokens - start)
+        if skip < payload.shape[0]:
+            self._send(t, KVChannel.send_kv, t.transfer_id, layer, start + skip, payload[skip:])
 
     def _send(self, t: _Transfer, op: Callable[..., None], *args) -> None:
         chan = t.channel
@@ -269,7 +298,11 @@ class PrefillService:
 
     def _flush_channels(self) -> None:
         t0 = time.monotonic()
-        channels = {id(t.channel): t.channel for t in self._transfers.values() if not t.failed}
+        channels = {
+            id(t.channel): t.channel
+            for t in self._transfers.values()
+            if t.channel is not None and not t.failed
+        }
         for chan in channels.values():
             try:
                 chan.kv.flush()
@@ -280,11 +313,9 @@ class PrefillService:
             t.transfer_s += elapsed
 
     def _finish(self, out: StepOutput) -> None:
-        """The first token is sampled: close the transfer with DONE and answer the caller.
-
-        A failed transfer still answers ok: the decode worker notices the broken channel and
-        prefills the request itself, so the router gets its tokens either way."""
-        t = self._transfers.pop(out.request_id, None)
+        """The first token is sampled: close the transfer with DONE (or leave that to
+        `prefill()` if the reservation has not landed yet)."""
+        t = self._transfers.get(out.request_id)
         if t is None:
             return
         now = time.monotonic()
@@ -298,14 +329,23 @@ class PrefillService:
         ]
         if lp is not None and lp.top:
             values += [float(tok) for tok, _ in lp.top] + [v for _, v in lp.top]
+        t.first = (out.new_token_ids[0], values)
+        if t.channel is not None:
+            self._send_done(t)
+
+    def _send_done(self, t: _Transfer) -> None:
+        """Closes the transfer and answers the caller. A failed transfer still answers ok: the
+        decode worker notices the broken channel and prefills the request itself."""
+        if self._transfers.get(t.request.request_id) is t:
+            del self._transfers[t.request.request_id]
         if not t.failed:
-            self._send(t, KVChannel.send_done, t.transfer_id, out.new_token_ids[0], values)
+            self._send(t, KVChannel.send_done, t.transfer_id, *t.first)
             try:
                 t.channel.kv.flush()
             except TransferFailed as e:
                 self._channel_failed(t.channel, e)
         if not t.done.done():
-            t.done.set_result(PrefillResult(out.request_id, True))
+            t.done.set_result(PrefillResult(t.request.request_id, True))
 
     async def status(self) -> WorkerStatus:
         e = self.engine
@@ -315,8 +355,7 @@ class PrefillService:
             role="prefill",
             tp=1,
             running=e.num_running,
-            # waiting for a reservation on the decode worker, or for a slot in a prefill step
-            waiting=len(self._reserving) + len(e.scheduler.waiting),
+            waiting=len(e.scheduler.waiting),
             free_blocks=e.pool.num_free,
             total_blocks=e.pool.num_blocks,
             prompt_tokens_computed=e.num_prompt_tokens_computed,
