@@ -1,9 +1,10 @@
 """The prefill worker: batches prompts, computes their KV, ships it to decode workers.
 
 Prompts are batched by the engine's scheduler under its token budget (long prompts are
-chunked), and the engine samples the first token. While a step runs, each layer's KV of each
-request is gathered and sent (isend) as soon as that layer is done, so the transfer overlaps
-the following layers; the DONE message with the first token closes a transfer.
+chunked), and the engine samples the first token. A prompt starts computing while its block
+reservation travels to the decode worker; once it lands, each layer's KV of each request is
+gathered and sent (isend) as soon as that layer is done, so the transfer overlaps the
+following layers. The DONE message with the first token closes a transfer.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class PrefillService:
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         rid = req.request_id
+        if rid in self._transfers:
+            return PrefillResult(rid, False, "ALREADY_EXISTS", f"request {rid!r} is in flight")
         try:
             self.engine.check_request(rid, req.prompt_token_ids, req.output_token_ids)
         except PdserveError as e:
@@ -103,10 +106,11 @@ class PrefillService:
                 await self._decode_handle(req.decode_worker).prefill_locally.remote(req)
                 t.done.set_result(PrefillResult(rid, True))
             return await t.done
-        except PdserveError as e:
+        except Exception as e:  # refused (a PdserveError), or the decode worker is unreachable
             self._drop(t)
+            code = e.grpc_code if isinstance(e, PdserveError) else "UNAVAILABLE"
             if not t.done.done():
-                t.done.set_result(PrefillResult(rid, False, e.grpc_code, str(e)))
+                t.done.set_result(PrefillResult(rid, False, code, f"{req.decode_worker}: {e}"))
             return await t.done
         if t.done.done():  # aborted, or a failed step, while the reservation travelled
             self._cancel(t)
