@@ -1,0 +1,114 @@
+"""A prefill service and a decode service on one event loop (no Ray): the KV crosses a real
+gloo channel; aborts and failures at awkward moments free every block on both sides."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import torch
+from engine_helpers import generate, make_engine
+
+from pdserve.api.messages import PrefillRequest
+from pdserve.api.sampling import SamplingParams
+from pdserve.decode_worker.service import DecodeService
+from pdserve.engine.config import EngineConfig
+from pdserve.prefill_worker.service import PrefillService
+
+PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, seed=3)
+PROMPT = tuple(torch.randint(3, 990, (70,), generator=torch.Generator().manual_seed(2)).tolist())
+
+
+class LocalHandle:
+    """Calls a service in this process the way `handle.method.remote(...)` calls an actor."""
+
+    def __init__(self, service: object) -> None:
+        self._service = service
+
+    def __getattr__(self, name: str) -> SimpleNamespace:
+        method = getattr(self._service, name)
+        return SimpleNamespace(remote=lambda *a, **k: asyncio.ensure_future(method(*a, **k)))
+
+
+async def _services(model_dir):
+    config = EngineConfig(model=str(model_dir), num_blocks=64, max_num_batched_tokens=32)
+    decode = DecodeService("decode-0", config, "127.0.0.1", 5.0)
+    prefill = PrefillService("prefill-0", config, 5.0, lambda _: LocalHandle(decode))
+    await decode.start()
+    await prefill.start()
+    return prefill, decode
+
+
+async def _tokens(decode: DecodeService, request_id: str) -> list[int]:
+    stream, tokens = decode.stream(), []
+    while True:
+        outputs = await asyncio.wait_for(anext(stream), 30)
+        for d in outputs.deltas:
+            if d.request_id == request_id:
+                tokens += d.token_ids
+                if d.finish_reason:
+                    return tokens
+
+
+def _idle(*services) -> bool:
+    return all(
+        s.engine.pool.num_free == s.engine.pool.num_blocks and not s.engine.has_unfinished()
+        for s in services
+    )
+
+
+def test_chunked_prefill_crosses_the_channel_and_decodes_like_one_engine(tiny_llama_dir):
+    expected = generate(make_engine(tiny_llama_dir), [PROMPT], PARAMS)[0]
+
+    async def scenario():
+        prefill, decode = await _services(tiny_llama_dir)
+        result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
+        assert result.ok
+        assert await _tokens(decode, "r") == expected
+        assert decode.engine.num_prompt_tokens_computed == 0
+        assert _idle(prefill, decode)
+
+    asyncio.run(scenario())
+
+
+def test_abort_while_the_reservation_travels_frees_both_sides(tiny_llama_dir):
+    async def scenario():
+        prefill, decode = await _services(tiny_llama_dir)
+        task = asyncio.ensure_future(
+            prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
+        )
+        await asyncio.sleep(0)  # registered, computing, its reservation not back yet
+        assert await prefill.abort("r")
+        result = await task
+        assert not result.ok and result.error_code == "CANCELLED"
+        for _ in range(200):
+            if _idle(prefill, decode) and not decode._reservations:
+                break
+            await asyncio.sleep(0.01)
+        assert _idle(prefill, decode) and not decode._reservations
+
+    asyncio.run(scenario())
+
+
+def test_a_full_decode_pool_refuses_and_the_started_prompt_is_dropped(tiny_llama_dir):
+    async def scenario():
+        prefill, decode = await _services(tiny_llama_dir)
+        held = decode.engine.pool.allocate(60)  # other requests hold 60 of the 64 blocks
+        result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
+        assert not result.ok and result.error_code == "RESOURCE_EXHAUSTED"
+        decode.engine.pool.free(held)
+        assert _idle(prefill, decode)
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_settings():
+    """A service sets its process's torch threads and GIL switch interval."""
+    import sys
+
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    yield
+    torch.set_num_threads(threads)
+    sys.setswitchinterval(interval)
