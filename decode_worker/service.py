@@ -284,28 +284,32 @@ class DecodeService:
 
     def _fall_back(self, res: Reservation, reason: str) -> None:
         """Frees the reservation and prefills the request here instead."""
-        rid = res.request.request_id
-        with res.lock:
-            if res.closed:
-                return
-            res.closed = True
-            self.engine.pool.free(res.block_ids)
-        self._forget(res)
+        if not self._close(res):
+            return
         self.num_fallbacks += 1
-        logger.warning("request %s: KV transfer failed (%s); prefilling locally", rid, reason)
         req = res.request
-        self.engine.add_request(rid, req.prompt_token_ids, req.params, req.output_token_ids)
-        self._wake.set()
+        logger.warning(
+            "request %s: KV transfer failed (%s); prefilling locally", req.request_id, reason
+        )
+        self.engine.add_request(
+            req.request_id, req.prompt_token_ids, req.params, req.output_token_ids
+        )
 
     def _release(self, res: Reservation) -> None:
+        if self._close(res):
+            self._requests.pop(res.request.request_id, None)
+
+    def _close(self, res: Reservation) -> bool:
+        """Frees the reservation's blocks, once; False if it was closed already. The lock makes
+        sure the receiver thread never writes into blocks that were given back."""
         with res.lock:
             if res.closed:
-                return
+                return False
             res.closed = True
             self.engine.pool.free(res.block_ids)
         self._forget(res)
-        self._requests.pop(res.request.request_id, None)
         self._wake.set()  # the freed blocks may unblock waiting requests
+        return True
 
     def _forget(self, res: Reservation) -> None:
         self._reservations.pop(res.request.request_id, None)

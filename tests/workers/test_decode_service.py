@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from pdserve.api.messages import PrefillRequest
 from pdserve.api.sampling import SamplingParams
 from pdserve.decode_worker.service import DecodeService, Reservation
@@ -71,16 +69,3 @@ def test_local_prefill_of_a_known_request_is_ignored(tiny_llama_dir):
         assert len(svc.engine.scheduler.waiting) == 1
 
     asyncio.run(scenario())
-
-
-@pytest.fixture(autouse=True)
-def _restore_process_settings():
-    """A service sets its process's torch threads and GIL switch interval."""
-    import sys
-
-    import torch
-
-    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
-    yield
-    torch.set_num_threads(threads)
-    sys.setswitchinterval(interval)

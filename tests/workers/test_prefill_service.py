@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-import pytest
 import torch
 from engine_helpers import generate, make_engine
 
@@ -101,14 +100,3 @@ def test_a_full_decode_pool_refuses_and_the_started_prompt_is_dropped(tiny_llama
         assert _idle(prefill, decode)
 
     asyncio.run(scenario())
-
-
-@pytest.fixture(autouse=True)
-def _restore_process_settings():
-    """A service sets its process's torch threads and GIL switch interval."""
-    import sys
-
-    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
-    yield
-    torch.set_num_threads(threads)
-    sys.setswitchinterval(interval)
