@@ -6,7 +6,6 @@ sample and update the sequences.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 from collections.abc import Callable
@@ -95,7 +94,6 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
-        self._arrivals = itertools.count()
         self.num_prompt_tokens_computed = 0
         logger.info(
             "engine ready: %s, %s, %d KV blocks of %d tokens",
@@ -114,13 +112,9 @@ class LLMEngine:
     ) -> None:
         """Queues a request. `output_token_ids` resumes one that already produced tokens: they
         count towards `max_tokens` and penalties as output, and decoding continues after them."""
-        tokens = self.check_request(request_id, prompt_token_ids, output_token_ids)
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        seq = Sequence(
-            request_id, tokens, len(prompt_token_ids), params, seed, next(self._arrivals)
+        self.scheduler.add(
+            self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
         )
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
 
     def check_request(
         self, request_id: str, prompt_token_ids: Seq[int], output_token_ids: Seq[int] = ()
@@ -151,7 +145,7 @@ class LLMEngine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.finish(seq, "abort")
+        self.scheduler.finish(seq)
         return True
 
     def has_request(self, request_id: str) -> bool:
@@ -201,29 +195,30 @@ class LLMEngine:
         """Admits a request whose KV another worker computed into `block_ids` (which this
         engine's pool allocated and whose ownership passes to the request), together with the
         token that worker sampled. It joins the running batch at once."""
-        tokens = self.check_request(request_id, prompt_token_ids, output_token_ids)
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        seq = Sequence(
-            request_id,
-            tokens,
-            len(prompt_token_ids),
-            params,
-            seed,
-            next(self._arrivals),
-            block_ids=block_ids,
-            num_computed=len(tokens),
-        )
-        self._seqs[request_id] = seq
+        seq = self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
+        seq.block_ids = block_ids
+        seq.num_computed = seq.num_tokens
         self.scheduler.add_running(seq)
         return self._append(seq, first_token, first_logprobs)
 
+    def _new_sequence(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        output_token_ids: Seq[int],
+    ) -> Sequence:
+        tokens = self.check_request(request_id, prompt_token_ids, output_token_ids)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(request_id, tokens, len(prompt_token_ids), params, seed)
+        self._seqs[request_id] = seq
+        return seq
+
     def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> StepOutput:
         seq.token_ids.append(token)
-        if lp is not None:
-            seq.logprobs.append(lp)
         reason = self._finish_reason(seq, token)
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            self.scheduler.finish(seq)
             del self._seqs[seq.request_id]
         return StepOutput(seq.request_id, (token,), reason is not None, reason, lp)
 

@@ -103,7 +103,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence) -> None:
         """Ends a sequence wherever it is and frees its blocks at once."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
@@ -111,7 +111,6 @@ class Scheduler:
             self.waiting.remove(seq)
         self._release(seq)
         seq.status = Status.FINISHED
-        seq.finish_reason = reason
 
     def _release(self, seq: Sequence) -> None:
         self.pool.free(seq.block_ids)

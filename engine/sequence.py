@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from pdserve.api.messages import TokenLogprobs
 from pdserve.api.sampling import SamplingParams
 
 
@@ -25,12 +24,9 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     seed: int
-    arrival: int
     block_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: Status = Status.WAITING
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -28,7 +28,7 @@ def _prompts(vocab: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
 
 def _engine_prompt_logits(engine, prompt: list[int]) -> torch.Tensor:
     """All-position logits of one prefill, through the engine's own runner and KV pool."""
-    seq = Sequence("logits", list(prompt), len(prompt), SamplingParams(), seed=0, arrival=0)
+    seq = Sequence("logits", list(prompt), len(prompt), SamplingParams(), seed=0)
     seq.block_ids = engine.pool.allocate(-(-len(prompt) // engine.config.block_size))
     runner: ModelRunner = engine.runner
     input_ids, positions, batch, _ = runner.prepare([ScheduledSeq(seq, len(prompt))])

@@ -20,7 +20,7 @@ DRAWS = 10_000
 def _seq(params: SamplingParams, tokens=(1, 2, 3), prompt_len=None, seed=5) -> Sequence:
     tokens = list(tokens)
     n = len(tokens) if prompt_len is None else prompt_len
-    return Sequence("s", tokens, n, params, seed=seed, arrival=0)
+    return Sequence("s", tokens, n, params, seed=seed)
 
 
 def _draw_histogram(params: SamplingParams) -> np.ndarray:
