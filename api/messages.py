@@ -23,13 +23,15 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class PrefillRequest:
-    """A request placed on a prefill worker, to be decoded on `decode_worker`.
+    """A request placed on a prefill worker, to be decoded on `decode_worker` (or on the decode
+    worker alone, which then prefills it itself).
 
-    `params.seed` is always set by the router, so a retry elsewhere samples the same tokens.
+    `attempt_id` is unique per attempt (the router's request id plus a suffix), so a retry
+    never meets the deltas or aborts of an earlier attempt. `params.seed` is always set by the router, so a retry elsewhere samples the same tokens.
     `output_token_ids` resumes a request that already produced tokens.
     """
 
-    request_id: str
+    attempt_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     decode_worker: str
@@ -40,7 +42,7 @@ class PrefillRequest:
 class PrefillResult:
     """The answer to a prefill call: `error_code` is a gRPC status name when it failed."""
 
-    request_id: str
+    attempt_id: str
     ok: bool
     error_code: str | None = None
     error: str | None = None
@@ -66,15 +68,18 @@ class Timings:
 @dataclass(frozen=True)
 class TokenDelta:
     """New tokens of one request from one decode step; `finish_reason` set on the last one,
-    together with `usage` and `timings`. `finish_reason == "error"` carries `error`."""
+    together with `usage` and `timings`. `finish_reason == "error"` carries `error`.
+    `prefilled_by` (last delta only) names the prefill worker whose KV the request decoded
+    from, or is "" when the decode worker prefilled it itself."""
 
-    request_id: str
+    attempt_id: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprobs, ...] = ()
     finish_reason: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
     error: str | None = None
+    prefilled_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,11 @@ class WorkerStatus:
     free_blocks: int
     total_blocks: int
     cached_blocks: int = 0
+    requests_total: int = 0
     prompt_tokens_computed: int = 0
+    prompt_tokens_cached: int = 0
+    kv_blocks_received: int = 0
+    kv_blocks_sent: int = 0
     kv_bytes_received: int = 0
     kv_bytes_sent: int = 0
     transfer_fallbacks: int = 0

@@ -152,7 +152,7 @@ class Router:
                 valid.skip_special_tokens,
             )
             prefill_request = PrefillRequest(
-                request_id=flight.attempt_id,
+                attempt_id=flight.attempt_id,
                 prompt_token_ids=valid.prompt_token_ids,
                 params=params,
                 decode_worker=flight.assignment.decode,

@@ -51,17 +51,17 @@ class DecodeStreams:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    def register(self, request_id: str, worker_id: str) -> asyncio.Queue[Event]:
+    def register(self, attempt_id: str, worker_id: str) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._queues[request_id] = (worker_id, queue)
+        self._queues[attempt_id] = (worker_id, queue)
         return queue
 
-    def unregister(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)
+    def unregister(self, attempt_id: str) -> None:
+        self._queues.pop(attempt_id, None)
 
-    def push(self, request_id: str, event: Event) -> None:
+    def push(self, attempt_id: str, event: Event) -> None:
         """Adds an event of the router's own (a failure, an abort) to a request's queue."""
-        entry = self._queues.get(request_id)
+        entry = self._queues.get(attempt_id)
         if entry is not None:
             entry[1].put_nowait(event)
 
@@ -70,7 +70,7 @@ class DecodeStreams:
             async for ref in handle.stream.options(num_returns="streaming").remote():
                 outputs = await ref
                 for delta in outputs.deltas:
-                    entry = self._queues.get(delta.request_id)
+                    entry = self._queues.get(delta.attempt_id)
                     # NOTE: deltas of a request that already ended (cancelled, stopped by a stop
                     # string) keep coming until the worker sees the abort; they are dropped.
                     if entry is not None:
