@@ -78,9 +78,7 @@ def encode_batch(batch: KVEventBatch) -> bytes:
 
 def decode_batch(data: bytes) -> KVEventBatch:
     worker_id, epoch, seq, raw, load = msgpack.unpackb(data)
-    events = tuple(
-        BlockStored(e[1], e[2]) if e[0] == _STORED else BlockRemoved(e[1]) for e in raw
-    )
+    events = tuple(BlockStored(e[1], e[2]) if e[0] == _STORED else BlockRemoved(e[1]) for e in raw)
     return KVEventBatch(worker_id, epoch, seq, events, WorkerLoad(*load))
 
 

@@ -27,7 +27,8 @@ class PrefillRequest:
     worker alone, which then prefills it itself).
 
     `attempt_id` is unique per attempt (the router's request id plus a suffix), so a retry
-    never meets the deltas or aborts of an earlier attempt. `params.seed` is always set by the router, so a retry elsewhere samples the same tokens.
+    never meets the deltas or aborts of an earlier attempt. `params.seed` is always set by
+    the router, so a retry elsewhere samples the same tokens.
     `output_token_ids` resumes a request that already produced tokens.
     """
 

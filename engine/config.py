@@ -99,7 +99,8 @@ class EngineConfig:
 
     `num_blocks=None` sizes the KV pool as `kv_memory_fraction` of the device's memory (GPU
     memory on CUDA, RAM on CPU). `max_num_batched_tokens` is the
-    token budget of one step (decode tokens plus prefill chunks).
+    token budget of one step (decode tokens plus prefill chunks). `enable_prefix_cache=False`
+    computes every prompt from scratch (the baseline that cache hits must equal).
     """
 
     model: str
@@ -111,6 +112,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None
+    enable_prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

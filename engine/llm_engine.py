@@ -15,7 +15,9 @@ from functools import partial
 
 import torch
 
-from pdserve.api.errors import InvalidRequest
+from pdserve.api.block_hash import model_salt
+from pdserve.api.errors import InvalidRequest, NotFound
+from pdserve.api.kv_events import BlockStored, KVEvent
 from pdserve.api.messages import TokenLogprobs
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig, ModelConfig
@@ -30,7 +32,7 @@ from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.parallel import SINGLE, TensorParallel
 from pdserve.engine.sampler import sample
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
-from pdserve.engine.sequence import Sequence, Status
+from pdserve.engine.sequence import Sequence
 from pdserve.engine.weights import iter_weights
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,23 @@ class StepOutput:
     finished: bool
     finish_reason: str | None = None
     logprobs: TokenLogprobs | None = None
+    cached_prompt_tokens: int = 0  # of the prompt, reused from this engine's prefix cache
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters and gauges a worker reports; cumulative ones count since the engine started."""
+
+    running: int
+    waiting: int
+    reserved: int
+    free_blocks: int
+    total_blocks: int
+    cached_blocks: int
+    requests_total: int
+    prompt_tokens_computed: int
+    prompt_tokens_cached: int
+    preemptions: int
 
 
 def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
@@ -56,6 +75,13 @@ def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
 
 
 class LLMEngine:
+    """Requests go in by id; `step()` advances them all. Another worker's KV comes in through
+    `reserve` (blocks held for it), `block_ids` (where to write it) and `admit_prefilled`.
+
+    NOTE: requests are validated once, at the edge (the router, or `LLM`); the engine checks
+    only cheap invariants (ids in range with min/max, the length), never per token in Python.
+    """
+
     def __init__(self, config: EngineConfig, tp: TensorParallel = SINGLE) -> None:
         self.config = config
         self.model_config = mc = ModelConfig.from_model_dir(config.model)
@@ -81,20 +107,27 @@ class LLMEngine:
             self.dtype,
             self.device,
         )
-        self.pool = BlockPool(num_blocks)
+        self._pool = BlockPool(num_blocks)
         # NOTE: a lone sequence must always fit the pool, or preemption could never free room.
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings,
             mc.max_position_embeddings,
             num_blocks * config.block_size,
         )
-        self.scheduler = Scheduler(
-            self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens
+        self._scheduler = Scheduler(
+            self._pool,
+            config.block_size,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            model_salt(config.model, config.dtype, config.block_size),
+            config.enable_prefix_cache,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
-        self.num_prompt_tokens_computed = 0
+        self._requests_total = 0
+        self._prompt_tokens_computed = 0
+        self._prompt_tokens_cached = 0
         logger.info(
             "engine ready: %s, %s, %d KV blocks of %d tokens",
             mc.architecture,
@@ -112,40 +145,51 @@ class LLMEngine:
     ) -> None:
         """Queues a request. `output_token_ids` resumes one that already produced tokens: they
         count towards `max_tokens` and penalties as output, and decoding continues after them."""
-        self.scheduler.add(
+        self._scheduler.add(
             self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
         )
 
-    def check_request(
-        self, request_id: str, prompt_token_ids: Seq[int], output_token_ids: Seq[int] = ()
-    ) -> list[int]:
-        """Validates a request's tokens; returns prompt + output as one list."""
-        if request_id in self._seqs:
-            raise InvalidRequest("request_id", f"{request_id!r} is already running")
-        if not prompt_token_ids:
-            raise InvalidRequest("prompt_token_ids", "prompt is empty")
-        tokens = list(prompt_token_ids) + list(output_token_ids)
-        vocab = self.model_config.vocab_size
-        for i, t in enumerate(tokens):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                field = (
-                    f"prompt_token_ids[{i}]"
-                    if i < len(prompt_token_ids)
-                    else f"output_token_ids[{i - len(prompt_token_ids)}]"
-                )
-                raise InvalidRequest(field, f"token id {t!r} is outside [0, {vocab})")
-        if len(tokens) >= self.max_model_len:
-            raise InvalidRequest(
-                "prompt", f"{len(tokens)} tokens do not fit the context of {self.max_model_len}"
-            )
-        return tokens
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        output_token_ids: Seq[int] = (),
+    ) -> int:
+        """Holds KV blocks for a request whose KV another worker computes; returns how many
+        leading tokens this engine has cached already (that KV need not come). Raises
+        `CapacityExceeded` when the blocks are not there."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
+        try:
+            return self._scheduler.reserve(seq)
+        except Exception:
+            del self._seqs[request_id]
+            raise
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The blocks a request's KV lives in, in token order."""
+        return list(self._seq(request_id).block_ids)
+
+    def admit_prefilled(
+        self, request_id: str, first_token: int, first_logprobs: TokenLogprobs | None
+    ) -> StepOutput:
+        """The reserved request's KV has landed, with the token the other worker sampled after
+        it: the request queues for the running batch."""
+        seq = self._seq(request_id)
+        self._count_admitted(seq)
+        self._scheduler.admit_reserved(seq, seq.num_tokens)
+        return self._append(seq, first_token, first_logprobs)
+
+    def fall_back(self, request_id: str) -> None:
+        """The reserved request's KV will not come: it is computed here instead."""
+        self._scheduler.fall_back(self._seq(request_id))
 
     def abort(self, request_id: str) -> bool:
         """Stops a request at whatever stage it is and frees its blocks. False if unknown."""
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.finish(seq)
+        self._scheduler.finish(seq)
         return True
 
     def has_request(self, request_id: str) -> bool:
@@ -159,14 +203,14 @@ class LLMEngine:
         return ids
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self._scheduler.has_work()
 
     def step(
         self, on_layer_kv: Callable[[list[ScheduledSeq], int], None] | None = None
     ) -> list[StepOutput]:
         """Runs one step. `on_layer_kv(scheduled, i)` is called as soon as layer i's KV of this
         step's tokens is in the cache (a prefill worker ships it from there)."""
-        scheduled = self.scheduler.schedule()
+        scheduled = self._scheduler.schedule()
         if not scheduled:
             return []
         hook = partial(on_layer_kv, scheduled) if on_layer_kv is not None else None
@@ -175,31 +219,50 @@ class LLMEngine:
         tokens, logprobs = sample(logits, samplers) if samplers else ([], [])
         for item in scheduled:
             seq = item.seq
+            self._count_admitted(seq)
             start = seq.num_computed
-            self.num_prompt_tokens_computed += max(
+            self._prompt_tokens_computed += max(
                 0, min(start + item.num_tokens, seq.num_prompt_tokens) - start
             )
             seq.num_computed += item.num_tokens
+            self._scheduler.cache_computed(seq)
         return [self._append(seq, t, lp) for seq, t, lp in zip(samplers, tokens, logprobs)]
 
-    def add_prefilled(
-        self,
-        request_id: str,
-        prompt_token_ids: Seq[int],
-        params: SamplingParams,
-        block_ids: list[int],
-        first_token: int,
-        first_logprobs: TokenLogprobs | None = None,
-        output_token_ids: Seq[int] = (),
-    ) -> StepOutput:
-        """Admits a request whose KV another worker computed into `block_ids` (which this
-        engine's pool allocated and whose ownership passes to the request), together with the
-        token that worker sampled. It joins the running batch at once."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
-        seq.block_ids = block_ids
-        seq.num_computed = seq.num_tokens
-        self.scheduler.add_running(seq)
-        return self._append(seq, first_token, first_logprobs)
+    def stats(self) -> EngineStats:
+        s = self._scheduler
+        return EngineStats(
+            running=len(s.running),
+            waiting=len(s.waiting),
+            reserved=s.num_reserved,
+            free_blocks=s.num_available_blocks,
+            total_blocks=self._pool.num_blocks,
+            cached_blocks=s.cache.num_blocks,
+            requests_total=self._requests_total,
+            prompt_tokens_computed=self._prompt_tokens_computed,
+            prompt_tokens_cached=self._prompt_tokens_cached,
+            preemptions=s.num_preemptions,
+        )
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        """The prefix cache's stored/removed events since the last call, in order."""
+        return self._scheduler.cache.drain_events()
+
+    def cached_blocks(self) -> list[BlockStored]:
+        """Every block in the prefix cache, parents first (a snapshot for the router)."""
+        return self._scheduler.cache.snapshot()
+
+    def _seq(self, request_id: str) -> Sequence:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            raise NotFound(f"request {request_id!r} is not in this engine")
+        return seq
+
+    def _count_admitted(self, seq: Sequence) -> None:
+        """Counts a request once, when its prompt's KV is first complete or first scheduled."""
+        if not seq.counted:
+            seq.counted = True
+            self._requests_total += 1
+            self._prompt_tokens_cached += seq.num_cached_prompt_tokens or 0
 
     def _new_sequence(
         self,
@@ -208,7 +271,20 @@ class LLMEngine:
         params: SamplingParams,
         output_token_ids: Seq[int],
     ) -> Sequence:
-        tokens = self.check_request(request_id, prompt_token_ids, output_token_ids)
+        if request_id in self._seqs:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+        tokens = [*prompt_token_ids, *output_token_ids]
+        vocab = self.model_config.vocab_size
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt_token_ids", "prompt is empty")
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            i = next(i for i, t in enumerate(tokens) if not 0 <= t < vocab)
+            field = f"prompt_token_ids[{i}]" if i < len(prompt_token_ids) else "output_token_ids"
+            raise InvalidRequest(field, f"token id {tokens[i]} is outside [0, {vocab})")
+        if len(tokens) >= self.max_model_len:
+            raise InvalidRequest(
+                "prompt", f"{len(tokens)} tokens do not fit the context of {self.max_model_len}"
+            )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(request_id, tokens, len(prompt_token_ids), params, seed)
         self._seqs[request_id] = seq
@@ -218,9 +294,16 @@ class LLMEngine:
         seq.token_ids.append(token)
         reason = self._finish_reason(seq, token)
         if reason is not None:
-            self.scheduler.finish(seq)
+            self._scheduler.finish(seq)
             del self._seqs[seq.request_id]
-        return StepOutput(seq.request_id, (token,), reason is not None, reason, lp)
+        return StepOutput(
+            seq.request_id,
+            (token,),
+            reason is not None,
+            reason,
+            lp,
+            seq.num_cached_prompt_tokens or 0,
+        )
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -229,7 +312,3 @@ class LLMEngine:
         if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
-
-    @property
-    def num_running(self) -> int:
-        return sum(1 for s in self._seqs.values() if s.status is Status.RUNNING)

@@ -1,11 +1,16 @@
-"""Decides which tokens of which sequences run in the next step (continuous batching).
+"""Decides which tokens of which sequences run in the next step (continuous batching), and owns
+every KV block a sequence holds: computed, reused from the prefix cache, or reserved.
 
 Each step has a token budget. Running sequences go first, oldest first: a decoding sequence
 adds one token, a sequence in chunked prefill adds the next chunk. Waiting sequences then
-join while budget, blocks and the sequence limit allow; a long prompt is split into chunks.
-When a running sequence needs a block and none is free, the newest running sequence is
-preempted: its blocks are freed and it is recomputed later from its tokens, which gives the
-same output because sampling depends only on (seed, position).
+join while budget, blocks and the sequence limit allow; a long prompt is split into chunks, and
+a prompt starts after its longest cached prefix. When a running sequence needs a block and none
+is free (nor evictable from the prefix cache), the newest running sequence is preempted: its
+blocks are freed and it is recomputed later from its tokens, which gives the same output
+because sampling depends only on (seed, position).
+
+A *reserved* sequence holds blocks for KV that another worker is sending; it counts against the
+pool at once and against `max_num_seqs` from the moment it joins the waiting queue.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from pdserve.api.block_hash import block_hashes
+from pdserve.api.errors import CapacityExceeded
 from pdserve.engine.kv_pool import BlockPool
+from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.sequence import Sequence, Status
 
 
@@ -31,23 +39,66 @@ class ScheduledSeq:
 
 class Scheduler:
     def __init__(
-        self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        pool: BlockPool,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        cache_salt: int,
+        enable_prefix_cache: bool = True,
     ) -> None:
         self.pool = pool
+        self.cache = PrefixCache(pool)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.salt = cache_salt
+        self.enable_prefix_cache = enable_prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_reserved = 0
         self.num_preemptions = 0
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Blocks that an allocation can get: free ones and unlocked cached ones."""
+        return self.pool.num_free + self.cache.num_evictable
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> None:
-        """Adds a sequence whose KV is already in its blocks (computed elsewhere)."""
-        seq.status = Status.RUNNING
-        self.running.append(seq)
+    def reserve(self, seq: Sequence) -> int:
+        """Holds blocks for all of `seq`'s tokens, reusing its longest cached prefix; returns the
+        number of leading tokens already cached (their KV need not be sent). Raises
+        `CapacityExceeded` when the blocks are not there."""
+        cached = self._match(seq, seq.num_tokens)
+        need = self.blocks_needed(seq.num_tokens) - len(seq.block_ids)
+        if need > self.num_available_blocks:
+            self._release(seq)
+            raise CapacityExceeded(
+                f"the request needs {need} more KV blocks; {self.num_available_blocks} are free"
+            )
+        seq.block_ids += self._allocate(need)
+        seq.status = Status.RESERVED
+        self.num_reserved += 1
+        return cached
+
+    def admit_reserved(self, seq: Sequence, num_computed: int) -> None:
+        """The reserved KV of the first `num_computed` tokens has landed: the sequence queues
+        for the running batch with its blocks (only the tokens after them compute)."""
+        self.num_reserved -= 1
+        seq.num_computed = num_computed
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def fall_back(self, seq: Sequence) -> None:
+        """The reserved KV will not come: the sequence queues to be computed here, from its
+        longest cached prefix."""
+        self.num_reserved -= 1
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -70,11 +121,19 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            fresh = not seq.block_ids
+            if fresh:
+                # NOTE: at least the last token is computed, for its logits; and a cached block
+                # is never written, so the match stops one token short of a full-prompt hit.
+                seq.num_computed = self._match(seq, seq.num_tokens - 1)
             n = min(seq.num_uncomputed, budget)
             need = self.blocks_needed(seq.num_computed + n) - len(seq.block_ids)
-            if need > self.pool.num_free:
+            if need > self.num_available_blocks:
+                if fresh:  # a waiting sequence must not pin cached blocks others could use
+                    self._release(seq)
+                    seq.num_computed = 0
                 break
-            seq.block_ids += self.pool.allocate(need)
+            seq.block_ids += self._allocate(need)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -83,16 +142,67 @@ class Scheduler:
         scheduled.sort(key=lambda s: s.num_tokens != 1)
         return scheduled
 
+    def cache_computed(self, seq: Sequence) -> None:
+        """Offers `seq`'s newly computed full blocks to the prefix cache."""
+        if not self.enable_prefix_cache:
+            return
+        full = seq.num_computed // self.block_size
+        if full <= seq.cache_depth:
+            return
+        self._hash(seq, full)
+        for i in range(seq.cache_depth, full):
+            seq.cache_node = self.cache.extend(
+                seq.cache_node, seq.block_hashes[i], seq.block_ids[i]
+            )
+        seq.cache_depth = full
+
+    def _hash(self, seq: Sequence, num_blocks: int) -> None:
+        """Extends `seq.block_hashes` to its first `num_blocks` blocks."""
+        known = len(seq.block_hashes)
+        if known < num_blocks:
+            bs = self.block_size
+            seq.block_hashes += block_hashes(
+                seq.token_ids[known * bs : num_blocks * bs],
+                bs,
+                self.salt,
+                seq.block_hashes[-1] if known else None,
+            )
+
+    def _match(self, seq: Sequence, max_tokens: int) -> int:
+        """Gives a block-less `seq` the cached blocks of its longest cached prefix of at most
+        `max_tokens` tokens; returns that prefix's length."""
+        if not self.enable_prefix_cache:
+            return 0
+        self._hash(seq, max_tokens // self.block_size)
+        path = self.cache.match(seq.block_hashes[: max_tokens // self.block_size])
+        if not path:
+            return 0
+        blocks = [node.block for node in path]
+        self.pool.incref(blocks)
+        self.cache.lock(path[-1])
+        seq.block_ids = blocks
+        seq.cache_node, seq.cache_depth = path[-1], len(path)
+        cached = len(path) * self.block_size
+        if seq.num_cached_prompt_tokens is None:
+            seq.num_cached_prompt_tokens = min(cached, seq.num_prompt_tokens)
+        return cached
+
+    def _allocate(self, n: int) -> list[int]:
+        short = n - self.pool.num_free
+        if short > 0:
+            self.cache.evict(short)
+        return self.pool.allocate(n)
+
     def _grow(self, seq: Sequence, n: int) -> bool:
         """Gives `seq` blocks for `n` more tokens, preempting the newest running sequences
         until enough are free. False if `seq` itself, being the newest, was preempted."""
         need = self.blocks_needed(seq.num_computed + n) - len(seq.block_ids)
-        while need > self.pool.num_free:
+        while need > self.num_available_blocks:
             victim = self.running[-1]
             self.preempt(victim)
             if victim is seq:
                 return False
-        seq.block_ids += self.pool.allocate(need)
+        seq.block_ids += self._allocate(need)
         return True
 
     def preempt(self, seq: Sequence) -> None:
@@ -104,14 +214,20 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
-        """Ends a sequence wherever it is and frees its blocks at once."""
+        """Ends a sequence wherever it is and frees its blocks at once (cached blocks stay in
+        the prefix cache)."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is Status.RESERVED:
+            self.num_reserved -= 1
         self._release(seq)
         seq.status = Status.FINISHED
 
     def _release(self, seq: Sequence) -> None:
-        self.pool.free(seq.block_ids)
+        if seq.block_ids:
+            self.pool.free(seq.block_ids)
+        self.cache.unlock(seq.cache_node)
         seq.block_ids = []
+        seq.cache_node, seq.cache_depth = None, 0

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pdserve.api.sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from pdserve.engine.prefix_cache import Node
+
 
 class Status(enum.Enum):
+    RESERVED = "reserved"  # blocks held for KV that another worker is sending
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -17,7 +22,13 @@ class Status(enum.Enum):
 @dataclass(eq=False)
 class Sequence:
     """`token_ids` is the prompt followed by the output so far; the first `num_computed` of
-    them have KV in `block_ids`. `seed` is always set, so sampling is reproducible on resume."""
+    them have KV in `block_ids`. `seed` is always set, so sampling is reproducible on resume.
+
+    `block_hashes` names the full blocks of `token_ids` seen so far; `cache_node` is the
+    deepest prefix-cache node this sequence locks (its first `cache_depth` blocks are cached).
+    `num_cached_prompt_tokens` counts the prompt tokens it reused instead of computing when it
+    was first admitted (None until then; a recompute after preemption does not change it).
+    """
 
     request_id: str
     token_ids: list[int]
@@ -27,6 +38,11 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: Status = Status.WAITING
+    block_hashes: list[int] = field(default_factory=list)
+    cache_node: Node | None = None
+    cache_depth: int = 0
+    num_cached_prompt_tokens: int | None = None
+    counted: bool = False  # in the engine's request counters
 
     @property
     def num_tokens(self) -> int:

@@ -57,8 +57,8 @@ def test_preemption_in_a_small_pool_leaves_outputs_unchanged(tiny_llama_dir):
     roomy = generate(make_engine(tiny_llama_dir), prompts)
     tight = make_engine(tiny_llama_dir, num_blocks=24)
     assert generate(tight, prompts) == roomy
-    assert tight.scheduler.num_preemptions > 0
-    assert tight.pool.num_free == 24
+    assert tight.stats().preemptions > 0
+    assert tight.stats().free_blocks == 24
 
 
 def test_chunked_prefill_gives_the_same_tokens(tiny_llama_dir):

@@ -28,8 +28,10 @@ def _prompts(vocab: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
 
 def _engine_prompt_logits(engine, prompt: list[int]) -> torch.Tensor:
     """All-position logits of one prefill, through the engine's own runner and KV pool."""
-    seq = Sequence("logits", list(prompt), len(prompt), SamplingParams(), seed=0)
-    seq.block_ids = engine.pool.allocate(-(-len(prompt) // engine.config.block_size))
+    rid = f"logits-{len(prompt)}"
+    engine.reserve(rid, prompt, SamplingParams())
+    seq = Sequence(rid, list(prompt), len(prompt), SamplingParams(), seed=0)
+    seq.block_ids = engine.block_ids(rid)
     runner: ModelRunner = engine.runner
     input_ids, positions, batch, _ = runner.prepare([ScheduledSeq(seq, len(prompt))])
     with torch.inference_mode():

@@ -41,4 +41,5 @@ def test_stop_string_spanning_two_tokens_ends_the_request(llm):
     assert stopped.finish_reason == "stop"
     assert stopped.text == text[: ends[i] - 2]
     assert stopped.token_ids == ids[: i + 2]  # ends with the token that completed the match
-    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+    stats = llm.engine.stats()
+    assert stats.free_blocks == stats.total_blocks
