@@ -193,6 +193,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_bench_index(args: argparse.Namespace) -> int:
+    from pdserve.router.bench_index import report
+
+    return report(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pdserve.cluster.config import load_config
     from pdserve.cluster.demo import run_demo
@@ -267,8 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.add_argument(
+        "--workload",
+        choices=["single", "multi-turn"],
+        default="single",
+        help="single: independent prompts; multi-turn: conversations sharing a system prompt",
+    )
+    p.add_argument("--conversations", type=int, default=32, help="multi-turn: conversations")
+    p.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    p.add_argument("--concurrency", type=int, default=8, help="multi-turn: chats at a time")
+    p.add_argument("--system-len", type=int, default=200, help="multi-turn: shared prefix")
+    p.add_argument("--user-len", type=int, default=32, help="multi-turn: tokens per user turn")
     _add_connection_flags(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-index", help="time of the router's prompt hashing and index match")
+    from pdserve.router.bench_index import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench_index)
 
     p = sub.add_parser("demo", help="start the local cluster, stream a few requests, stop")
     p.add_argument("--config", help="cluster YAML (default: deploy/local.yaml)")

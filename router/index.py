@@ -88,14 +88,14 @@ class RadixIndex:
         """For every worker holding the prompt's first block: how many leading blocks of
         `hashes` it holds."""
         counts: dict[str, int] = {}
-        holders = self._holders
-        alive = holders.get(hashes[0], 0) if hashes else 0
-        for i in range(1, len(hashes)):
+        get = self._holders.get
+        alive = get(hashes[0], 0) if hashes else 0
+        for i, block_hash in enumerate(hashes):
             if not alive:
                 break
-            still = alive & holders.get(hashes[i], 0)
+            still = alive & get(block_hash, 0)
             if still != alive:
-                self._note(alive & ~still, i, counts)
+                self._note(alive ^ still, i, counts)
                 alive = still
         if alive:
             self._note(alive, len(hashes), counts)
