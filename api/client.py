@@ -5,7 +5,8 @@
             print(delta.text, end="", flush=True)
         result = client.complete([{"role": "user", "content": "Hi!"}], max_tokens=16)
 
-The prompt is text, a list of token ids, or chat messages (dicts with "role" and "content").
+The prompt is text, a list of token ids, or chat messages (dicts with "role" and "content");
+None with `resume_from="<earlier request id>"` continues that request where it stopped.
 Sampling settings are keyword arguments named as in `SamplingParams`; None leaves one unset.
 Failures surface as `grpc.RpcError` carrying the server's status code.
 
@@ -48,7 +49,8 @@ def _connection(
 
 @dataclass
 class Completion:
-    """A finished request; `timings` holds queue_s, prefill_s, transfer_s, ttft_s, total_s."""
+    """A finished request; `timings` holds queue_s, prefill_s, transfer_s, ttft_s, total_s;
+    `prefill_worker` is "" when the decode worker computed the prompt itself."""
 
     request_id: str = ""
     prompt_token_ids: list[int] = field(default_factory=list)
@@ -58,6 +60,8 @@ class Completion:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     usage: Usage = field(default_factory=lambda: Usage(0, 0, 0))
     timings: dict[str, float] = field(default_factory=dict)
+    prefill_worker: str = ""
+    decode_worker: str = ""
 
     def add(self, delta: pb.GenerateResponse) -> None:
         """Folds one streamed message into the result."""
@@ -76,19 +80,27 @@ class Completion:
             self.timings = {
                 n: getattr(delta.timings, n) for n in pb.Timings.DESCRIPTOR.fields_by_name
             }
+            self.prefill_worker = delta.placement.prefill_worker
+            self.decode_worker = delta.placement.decode_worker
 
 
 def build_request(
-    prompt: Prompt,
+    prompt: Prompt | None,
     *,
     request_id: str = "",
+    resume_from: str = "",
+    prefill_worker: str = "",
+    decode_worker: str = "",
     add_generation_prompt: bool | None = None,
     continue_final_message: bool = False,
     skip_special_tokens: bool | None = None,
     **sampling: Any,
 ) -> pb.GenerateRequest:
-    """The `GenerateRequest` for a prompt; raises TypeError for an unknown sampling name."""
-    request = pb.GenerateRequest(request_id=request_id)
+    """The `GenerateRequest` for a prompt; raises TypeError for an unknown sampling name.
+    `prefill_worker` and `decode_worker` pin the request to those workers."""
+    request = pb.GenerateRequest(request_id=request_id, resume_from=resume_from)
+    request.placement.prefill_worker = prefill_worker
+    request.placement.decode_worker = decode_worker
     if isinstance(prompt, str):
         request.text = prompt
     elif prompt and isinstance(prompt[0], Mapping):
@@ -98,7 +110,7 @@ def build_request(
         request.chat.continue_final_message = continue_final_message
         if add_generation_prompt is not None:
             request.chat.add_generation_prompt = add_generation_prompt
-    else:
+    elif prompt is not None:
         request.token_ids.ids.extend(prompt)
     if skip_special_tokens is not None:
         request.skip_special_tokens = skip_special_tokens
@@ -133,7 +145,7 @@ class Client:
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def generate(
-        self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any
+        self, prompt: Prompt | None, *, timeout: float | None = None, **kwargs: Any
     ) -> Iterator[pb.GenerateResponse]:
         """Streams the response messages; `.cancel()` on the returned iterator cancels the
         request (its KV blocks are freed at once)."""
@@ -142,7 +154,7 @@ class Client:
         )
 
     def complete(
-        self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any
+        self, prompt: Prompt | None, *, timeout: float | None = None, **kwargs: Any
     ) -> Completion:
         result = Completion()
         for delta in self.generate(prompt, timeout=timeout, **kwargs):
@@ -188,7 +200,7 @@ class AsyncClient:
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def generate(
-        self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any
+        self, prompt: Prompt | None, *, timeout: float | None = None, **kwargs: Any
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Streams the response messages (`async for`); `.cancel()` on the returned call
         cancels the request."""
@@ -197,7 +209,7 @@ class AsyncClient:
         )
 
     async def complete(
-        self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any
+        self, prompt: Prompt | None, *, timeout: float | None = None, **kwargs: Any
     ) -> Completion:
         result = Completion()
         async for delta in self.generate(prompt, timeout=timeout, **kwargs):

@@ -67,12 +67,12 @@ def summarize(times: Sequence[RequestTimes], elapsed: float) -> dict:
         "elapsed_s": elapsed,
         "output_tokens": output_tokens,
         "output_tokens_per_s": output_tokens / elapsed if elapsed > 0 else 0.0,
-        "ttft_ms": _percentiles(ttft),
-        "tpot_ms": _percentiles(tpot),
+        "ttft_ms": percentiles(ttft),
+        "tpot_ms": percentiles(tpot),
     }
 
 
-def _percentiles(values: list[float]) -> dict[str, float | None]:
+def percentiles(values: list[float]) -> dict[str, float | None]:
     """p50/p95/p99 in milliseconds, linearly interpolated between ranks (None without data)."""
     out: dict[str, float | None] = {}
     ordered = sorted(values)
@@ -168,6 +168,8 @@ def _print_summary(name: str, s: dict) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.workload == "multi-turn":
+        return _run_multiturn(args)
     if not args.server and not args.colocated:
         raise SystemExit("bench: give --server HOST:PORT, --colocated --model DIR, or both")
     if args.colocated and not args.model:
@@ -208,3 +210,40 @@ def run_bench(args: argparse.Namespace) -> int:
     return (
         0 if all(result[k]["failed"] == 0 for k in ("cluster", "colocated") if k in result) else 1
     )
+
+
+def _run_multiturn(args: argparse.Namespace) -> int:
+    from pdserve.cluster.bench_multiturn import MultiTurn, print_multiturn, run_multiturn
+
+    if not args.server or args.colocated:
+        raise SystemExit("bench: the multi-turn workload takes --server only")
+    for name in ("conversations", "turns", "concurrency", "system_len", "user_len", "max_tokens"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"bench: --{name.replace('_', '-')} must be > 0")
+    try:
+        vocab_size, max_model_len = _vocab_and_context(args)
+    except grpc.RpcError as e:
+        print(f"pdserve bench: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    workload = MultiTurn(
+        args.conversations,
+        args.turns,
+        args.concurrency,
+        args.system_len,
+        args.user_len,
+        args.max_tokens,
+        vocab_size,
+        args.seed,
+    )
+    if workload.context_len() > max_model_len:
+        raise SystemExit(
+            f"bench: the last turn needs {workload.context_len()} tokens; the context holds "
+            f"{max_model_len}"
+        )
+    result = asyncio.run(
+        run_multiturn(args.server, workload, api_key=args.api_key, root_cert=args.tls_root_cert)
+    )
+    print_multiturn(result)
+    if args.json:
+        print(json.dumps(result))
+    return 0

@@ -150,21 +150,53 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 1
     state = "serving" if status.serving else "NOT serving"
     print(f"{args.server}: {state} {status.model}, {status.inflight} requests in flight")
-    print(
-        f"{'worker':<16}{'role':<9}{'tp':>3}{'running':>9}{'waiting':>9}{'free/total blocks':>19}"
-        f"{'cached':>8}"
-    )
-    for w in status.workers:
-        blocks = f"{w.free_blocks}/{w.total_blocks}"
-        line = f"{w.id:<16}{w.role:<9}{w.tp:>3}{w.running:>9}{w.waiting:>9}{blocks:>19}"
-        print(f"{line}{w.cached_blocks:>8}" + (f"  error: {w.error}" if w.error else ""))
+    print(format_workers(status.workers))
     return 0 if status.serving else 1
+
+
+WORKER_COLUMNS = (
+    # header, width, the value of a WorkerInfo
+    ("worker", -16, lambda w: w.id),
+    ("role", -9, lambda w: w.role),
+    ("tp", 3, lambda w: w.tp),
+    ("running", 8, lambda w: w.running),
+    ("waiting", 8, lambda w: w.waiting),
+    ("free/total blocks", 18, lambda w: f"{w.free_blocks}/{w.total_blocks}"),
+    ("cached", 7, lambda w: w.cached_blocks),
+    ("requests", 9, lambda w: w.requests_total),
+    ("prompt computed", 16, lambda w: w.prompt_tokens_computed),
+    ("prompt cached", 14, lambda w: w.prompt_tokens_cached),
+    ("blocks recv", 12, lambda w: w.kv_blocks_received),
+    ("blocks sent", 12, lambda w: w.kv_blocks_sent),
+)
+
+
+def format_workers(workers) -> str:
+    """The table `pdserve status` prints: one line per worker (`WorkerInfo`s)."""
+
+    def line(values) -> str:
+        cells = (
+            f"{v:<{-w}}" if w < 0 else f"{v:>{w}}" for (_, w, _), v in zip(WORKER_COLUMNS, values)
+        )
+        return " ".join(cells).rstrip()
+
+    lines = [line(h for h, _, _ in WORKER_COLUMNS)]
+    for w in workers:
+        row = line(value(w) for _, _, value in WORKER_COLUMNS)
+        lines.append(row + (f"  error: {w.error}" if w.error else ""))
+    return "\n".join(lines)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pdserve.cluster.bench import run_bench
 
     return run_bench(args)
+
+
+def cmd_bench_index(args: argparse.Namespace) -> int:
+    from pdserve.router.bench_index import report
+
+    return report(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -241,8 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.add_argument(
+        "--workload",
+        choices=["single", "multi-turn"],
+        default="single",
+        help="single: independent prompts; multi-turn: conversations sharing a system prompt",
+    )
+    p.add_argument("--conversations", type=int, default=32, help="multi-turn: conversations")
+    p.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    p.add_argument("--concurrency", type=int, default=8, help="multi-turn: chats at a time")
+    p.add_argument("--system-len", type=int, default=200, help="multi-turn: shared prefix")
+    p.add_argument("--user-len", type=int, default=32, help="multi-turn: tokens per user turn")
     _add_connection_flags(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-index", help="time of the router's prompt hashing and index match")
+    from pdserve.router.bench_index import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench_index)
 
     p = sub.add_parser("demo", help="start the local cluster, stream a few requests, stop")
     p.add_argument("--config", help="cluster YAML (default: deploy/local.yaml)")

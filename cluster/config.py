@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+from pdserve.router.placement import POLICIES
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-POLICIES = ("least_loaded", "round_robin")
 
 
 class ConfigError(ValueError):
@@ -52,8 +53,12 @@ class KVTransferConfig:
 @dataclass(frozen=True)
 class RouterConfig:
     listen: str = "127.0.0.1:50051"
-    policy: str = "least_loaded"
+    policy: str = "cache_aware"
     max_inflight: int = 1024  # beyond this, new requests get RESOURCE_EXHAUSTED
+    cache_weight: float = 2.0  # cache_aware: an uncached prompt token costs this many in flight
+    local_prefill_max_tokens: int = 256  # cache_aware: a shorter uncached tail stays on decode
+    request_table_size: int = 10_000  # finished requests kept for resume_from
+    request_table_ttl_s: float = 600.0  # and for at most this long
     # NOTE: secrets live in files named here, never in the YAML itself.
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, the router serves TLS
     tls_key: str | None = None  # PEM private key
@@ -111,6 +116,14 @@ class ClusterConfig:
             self.router.policy in POLICIES, "router.policy", f"must be one of {', '.join(POLICIES)}"
         )
         _check(self.router.max_inflight >= 1, "router.max_inflight", "must be >= 1")
+        _check(self.router.cache_weight >= 0, "router.cache_weight", "must be >= 0")
+        _check(
+            self.router.local_prefill_max_tokens >= 0,
+            "router.local_prefill_max_tokens",
+            "must be >= 0",
+        )
+        _check(self.router.request_table_size >= 1, "router.request_table_size", "must be >= 1")
+        _check(self.router.request_table_ttl_s > 0, "router.request_table_ttl_s", "must be > 0")
         host, sep, port = self.router.listen.rpartition(":")
         _check(bool(sep and host and port.isdigit()), "router.listen", "must be HOST:PORT")
         _check_tls(self.router)

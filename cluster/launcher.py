@@ -130,22 +130,31 @@ async def start_router(
     config: ClusterConfig, workers: Workers, listen: str | None = None
 ) -> tuple[Router, int]:
     """Starts the gRPC router in the running event loop; returns (router, port)."""
+    from pdserve.api.block_hash import model_salt
     from pdserve.api.tokenizer import Tokenizer
     from pdserve.router.auth import ServerTLS
     from pdserve.router.router import Router
 
     model = ModelConfig.from_model_dir(config.model)
+    settings = config.router
     router = Router(
         Tokenizer.from_model_dir(config.model),
         workers.prefill,
         workers.decode,
         vocab_size=model.vocab_size,
         max_model_len=workers.max_model_len,
-        policy=config.router.policy,
-        max_inflight=config.router.max_inflight,
+        policy=settings.policy,
+        max_inflight=settings.max_inflight,
         model_name=os.path.basename(os.path.abspath(config.model)),
+        # NOTE: the workers' EngineConfig gets the same salt and block size, so router and
+        # workers name every KV block alike.
+        block_size=config.block_size,
+        salt=model_salt(config.model, config.dtype, config.block_size),
+        cache_weight=settings.cache_weight,
+        local_prefill_max_tokens=settings.local_prefill_max_tokens,
+        request_table_size=settings.request_table_size,
+        request_table_ttl_s=settings.request_table_ttl_s,
     )
-    settings = config.router
     tls = ServerTLS.from_files(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     api_keys = read_api_keys(settings.api_keys_file) if settings.api_keys_file else ()
     port = await router.start(listen or settings.listen, tls=tls, api_keys=api_keys)

@@ -14,10 +14,12 @@ from pdserve.api.output import TextOutput
 from pdserve.api.sampling import SamplingParams
 from pdserve.api.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.placement import Assignment
 
 
 class ResponseBuilder:
-    """Holds one request's text state and counters; `arrival` is a `time.monotonic()` value."""
+    """Holds one request's text state, tokens and counters; `arrival` is a `time.monotonic()`
+    value and `assignment` where the router placed the request."""
 
     def __init__(
         self,
@@ -26,11 +28,14 @@ class ResponseBuilder:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         arrival: float,
+        assignment: Assignment,
         skip_special_tokens: bool = True,
     ) -> None:
         self.request_id = request_id
         self.finish_reason: str | None = None
-        self.completion_tokens = 0
+        self.token_ids: list[int] = []
+        self._assignment = assignment
+        self._prefilled_by = assignment.prefill
         self._prompt_token_ids = prompt_token_ids
         self._text = TextOutput(tokenizer, prompt_token_ids, params.stop, skip_special_tokens)
         self._arrival = arrival
@@ -45,7 +50,9 @@ class ResponseBuilder:
         now = time.monotonic()
         if delta.token_ids and self._first_token_at is None:
             self._first_token_at = now
-        self.completion_tokens += len(delta.token_ids)
+        self.token_ids.extend(delta.token_ids)
+        if delta.prefilled_by is not None:
+            self._prefilled_by = delta.prefilled_by
         # NOTE: workers may fill usage and timings on any delta; the latest ones win, so a
         # request stopped by a stop string still reports what the workers said so far.
         if delta.usage is not None:
@@ -70,13 +77,15 @@ class ResponseBuilder:
             response.finish_reason = self.finish_reason
             response.usage.CopyFrom(self._usage())
             response.timings.CopyFrom(self._timings(now))
+            response.placement.prefill_worker = self._prefilled_by
+            response.placement.decode_worker = self._assignment.decode
         return response
 
     def _usage(self) -> pb.Usage:
         return pb.Usage(
             prompt_tokens=len(self._prompt_token_ids),
             cached_prompt_tokens=self._cached_prompt_tokens,
-            completion_tokens=self.completion_tokens,
+            completion_tokens=len(self.token_ids),
         )
 
     def _timings(self, now: float) -> pb.Timings:

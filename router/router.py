@@ -18,18 +18,22 @@ from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pdserve.api.block_hash import block_hashes
 from pdserve.api.errors import CapacityExceeded, NotFound
 from pdserve.api.messages import PrefillRequest, TokenDelta
 from pdserve.api.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.auth import ServerTLS
 from pdserve.router.errors import RequestFailed
-from pdserve.router.placement import Assignment, Placer
+from pdserve.router.index import RadixIndex
+from pdserve.router.kv_feed import ActorKVSource, KVFeed
+from pdserve.router.placement import Assignment, Demand, Placer
+from pdserve.router.request_table import FinishedRequest, RequestTable
 from pdserve.router.responses import ResponseBuilder
 from pdserve.router.server import RunningServer, start_server
 from pdserve.router.status import cluster_status
 from pdserve.router.streams import DecodeStreams, Failure
-from pdserve.router.validation import validate
+from pdserve.router.validation import MAX_REQUEST_ID_LEN, validate
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +68,18 @@ class Router:
         *,
         vocab_size: int,
         max_model_len: int,
-        policy: str = "least_loaded",
+        policy: str = "cache_aware",
         max_inflight: int = 1024,
         model_name: str = "",
+        block_size: int = 16,
+        salt: int = 0,
+        cache_weight: float = 2.0,
+        local_prefill_max_tokens: int = 256,
+        request_table_size: int = 10_000,
+        request_table_ttl_s: float = 600.0,
     ) -> None:
+        """`block_size` and `salt` must be the workers' (`pdserve.api.block_hash`), so that
+        the router names prompt blocks as the workers' KV events do."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -76,8 +88,22 @@ class Router:
         self.prefill_workers = dict(prefill)
         self.decode_workers = dict(decode)
         self.lost_workers: dict[str, str] = {}
-        self._placer = Placer(policy, prefill, decode)
+        self.block_size = block_size
+        self.salt = salt
+        self.index = RadixIndex()
+        self._placer = Placer(
+            policy,
+            prefill,
+            decode,
+            index=self.index,
+            block_size=block_size,
+            cache_weight=cache_weight,
+            local_prefill_max_tokens=local_prefill_max_tokens,
+        )
         self._streams = DecodeStreams(decode, on_lost=self._on_decode_lost)
+        workers = {**self.prefill_workers, **self.decode_workers}
+        self._kv_feed = KVFeed(self.index, {w: ActorKVSource(h) for w, h in workers.items()})
+        self._finished = RequestTable(request_table_size, request_table_ttl_s)
         self._inflight: dict[str, _InFlight] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._server: RunningServer | None = None
@@ -89,11 +115,12 @@ class Router:
     async def start(
         self, listen: str, *, tls: ServerTLS | None = None, api_keys: Collection[str] = ()
     ) -> int:
-        """Starts consuming the decode workers' streams and serving on `listen` (host:port;
-        port 0 picks a free one), over TLS when `tls` is given, requiring one of `api_keys`
-        when there are any. Returns the bound port."""
+        """Starts consuming the decode workers' streams and every worker's KV events, and
+        serving on `listen` (host:port; port 0 picks a free one), over TLS when `tls` is
+        given, requiring one of `api_keys` when there are any. Returns the bound port."""
         self._server = await start_server(self, listen, tls=tls, api_keys=api_keys)
         self._streams.start()
+        self._kv_feed.start()
         return self._server.port
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -106,6 +133,7 @@ class Router:
             # the aborts of the requests cancelled above; a dead worker must not hold us up
             await asyncio.wait(self._background, timeout=max(grace, 1.0))
         await self._streams.stop()
+        await self._kv_feed.stop()
 
     async def generate(self, request: pb.GenerateRequest, send: Send) -> None:
         """Runs one request, calling `send` for each response message; raises a
@@ -115,12 +143,17 @@ class Router:
             raise CapacityExceeded(
                 f"{len(self._inflight)} requests in flight; the router takes {self.max_inflight}"
             )
+        resume_from = request.resume_from
+        # NOTE: an over-long id is refused by `validate`, naming the field.
+        known_length = len(resume_from) <= MAX_REQUEST_ID_LEN
+        earlier = self._finished.get(resume_from) if resume_from and known_length else None
         check = functools.partial(
             validate,
             request,
             self.tokenizer,
             vocab_size=self.vocab_size,
             max_model_len=self.max_model_len,
+            earlier=earlier,
         )
         # NOTE: tokenizing a long text or chat takes milliseconds; off the loop, it does not
         # stall every other stream. Short prompts are cheaper inline than a thread hop.
@@ -137,25 +170,39 @@ class Router:
         params = valid.params
         if params.seed is None:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
-        flight = _InFlight(
-            request_id, f"{request_id}/{uuid.uuid4().hex[:12]}", self._placer.place()
+        context = valid.context
+        pins = request.placement
+        assignment = self._placer.place(
+            Demand(
+                block_hashes(context, self.block_size, self.salt),
+                len(context),
+                params.max_tokens,
+                pins.prefill_worker,
+                pins.decode_worker,
+            )
         )
-        queue = self._streams.register(flight.attempt_id, flight.assignment.decode)
+        builder = ResponseBuilder(
+            request_id,
+            self.tokenizer,
+            context,
+            params,
+            arrival,
+            assignment,
+            valid.skip_special_tokens,
+        )
+        flight = _InFlight(request_id, f"{request_id}/{uuid.uuid4().hex[:12]}", assignment)
+        queue = self._streams.register(flight.attempt_id, assignment.decode)
         self._inflight[request_id] = flight
         try:
-            builder = ResponseBuilder(
-                request_id,
-                self.tokenizer,
-                valid.prompt_token_ids,
-                params,
-                arrival,
-                valid.skip_special_tokens,
-            )
+            # NOTE: the engine counts resumed output towards max_tokens, as the uninterrupted
+            # request would have.
+            resumed = len(valid.output_token_ids)
             prefill_request = PrefillRequest(
                 attempt_id=flight.attempt_id,
                 prompt_token_ids=valid.prompt_token_ids,
-                params=params,
-                decode_worker=flight.assignment.decode,
+                params=dataclasses.replace(params, max_tokens=params.max_tokens + resumed),
+                decode_worker=assignment.decode,
+                output_token_ids=valid.output_token_ids,
             )
             flight.prefill = asyncio.create_task(self._prefill(flight, prefill_request))
             while builder.finish_reason is None:
@@ -169,6 +216,8 @@ class Router:
                 await send(builder.on_delta(event))
         finally:
             self._finish(flight)
+            output = valid.output_token_ids + tuple(builder.token_ids)
+            self._finished.put(request_id, FinishedRequest(valid.prompt_token_ids, output, params))
 
     async def abort(self, request_id: str) -> None:
         """Ends a request in flight with finish_reason "abort" once both workers freed it."""
@@ -183,33 +232,42 @@ class Router:
         return await cluster_status(self)
 
     async def _prefill(self, flight: _InFlight, request: PrefillRequest) -> None:
-        """Makes the prefill call; a failure reaches the request's queue as a `Failure`.
+        """Makes the prefill call (to the decode worker itself when placement chose no prefill
+        worker); a failure reaches the request's queue as a `Failure`.
 
         If the prefill worker itself fails (it died, or its call raised), the decode worker
         prefills the request: it has the whole request, and seeded sampling makes the result
         the same."""
-        worker = flight.assignment.prefill
-        failure = None
+        worker, decode = flight.assignment.prefill, flight.assignment.decode
         try:
-            result = await self.prefill_workers[worker].prefill.remote(request)
-        except Exception as e:
-            logger.warning(
-                "prefill worker %s failed (%s); decode prefills %s", worker, e, flight.request_id
-            )
-            decode = flight.assignment.decode
-            try:
-                await self.decode_workers[decode].prefill_locally.remote(request)
-            except Exception as e2:
-                failure = Failure(
-                    "UNAVAILABLE", f"prefill worker {worker}: {e}; decode worker {decode}: {e2}"
-                )
-        else:
-            if not result.ok:
-                failure = Failure(result.error_code or "INTERNAL", result.error or "prefill failed")
+            if not worker:
+                failure = await self._prefill_on_decode(request, decode)
+            else:
+                try:
+                    result = await self.prefill_workers[worker].prefill.remote(request)
+                except Exception as e:
+                    logger.warning("prefill worker %s failed (%s); decode prefills", worker, e)
+                    failure = await self._prefill_on_decode(
+                        request, decode, f"prefill {worker}: {e}; "
+                    )
+                else:
+                    failure = None
+                    if not result.ok:
+                        code, error = result.error_code or "INTERNAL", result.error
+                        failure = Failure(code, error or "prefill failed")
         finally:
             self._placer.prefill_done(flight.assignment)
         if failure is not None:
             self._streams.push(flight.attempt_id, failure)
+
+    async def _prefill_on_decode(
+        self, request: PrefillRequest, decode: str, earlier_failure: str = ""
+    ) -> Failure | None:
+        try:
+            await self.decode_workers[decode].prefill_locally.remote(request)
+        except Exception as e:
+            return Failure("UNAVAILABLE", f"{earlier_failure}decode worker {decode}: {e}")
+        return None
 
     def _finish(self, flight: _InFlight) -> None:
         """Drops the request's state; unless the decode worker finished it, aborts it on the
@@ -227,11 +285,11 @@ class Router:
             return
         flight.aborted = True
         calls = [self.decode_workers[flight.assignment.decode].abort.remote(flight.attempt_id)]
+        prefill = flight.assignment.prefill
         if flight.prefill is not None and not flight.prefill.done():
             flight.prefill.cancel()
-            calls.append(
-                self.prefill_workers[flight.assignment.prefill].abort.remote(flight.attempt_id)
-            )
+            if prefill:
+                calls.append(self.prefill_workers[prefill].abort.remote(flight.attempt_id))
         for outcome in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(outcome, Exception):
                 logger.warning("abort of %s failed: %s", flight.request_id, outcome)

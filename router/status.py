@@ -54,4 +54,9 @@ def _info(status: WorkerStatus, worker_id: str, role: str, error: str) -> pb.Wor
         total_blocks=status.total_blocks,
         cached_blocks=status.cached_blocks,
         error=error,
+        requests_total=status.requests_total,
+        prompt_tokens_computed=status.prompt_tokens_computed,
+        prompt_tokens_cached=status.prompt_tokens_cached,
+        kv_blocks_received=status.kv_blocks_received,
+        kv_blocks_sent=status.kv_blocks_sent,
     )

@@ -16,44 +16,90 @@ from pdserve.api.errors import InvalidRequest
 from pdserve.api.sampling import SamplingParams
 from pdserve.api.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.request_table import FinishedRequest
 
 MAX_REQUEST_ID_LEN = 256
 
 
 @dataclass(frozen=True)
 class ValidRequest:
+    """`output_token_ids` are tokens already generated after the prompt, which decoding
+    continues (a resumed request); `params.max_tokens` counts only new tokens."""
+
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     skip_special_tokens: bool = True
+    output_token_ids: tuple[int, ...] = ()
+
+    @property
+    def context(self) -> tuple[int, ...]:
+        """Every token the new ones follow."""
+        return self.prompt_token_ids + self.output_token_ids
 
 
 def validate(
-    request: pb.GenerateRequest, tokenizer: Tokenizer, *, vocab_size: int, max_model_len: int
+    request: pb.GenerateRequest,
+    tokenizer: Tokenizer,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    earlier: FinishedRequest | None = None,
 ) -> ValidRequest:
+    """`earlier` is the request named by `resume_from` (the caller looked it up)."""
     reject_unknown_fields(request)
-    if len(request.request_id) > MAX_REQUEST_ID_LEN:
-        raise InvalidRequest("request_id", f"is longer than {MAX_REQUEST_ID_LEN} characters")
-    params = sampling_params(request.sampling, vocab_size)
+    pins = request.placement
+    for name, value in (
+        ("request_id", request.request_id),
+        ("resume_from", request.resume_from),
+        ("placement.prefill_worker", pins.prefill_worker),
+        ("placement.decode_worker", pins.decode_worker),
+    ):
+        if len(value) > MAX_REQUEST_ID_LEN:
+            raise InvalidRequest(name, f"is longer than {MAX_REQUEST_ID_LEN} characters")
+    params = sampling_params(request.sampling, vocab_size, earlier.params if earlier else None)
     field = request.WhichOneof("input")
-    if field is None:
+    output: tuple[int, ...] = ()
+    if earlier is not None and field is None:
+        field = "resume_from"
+        ids = list(earlier.prompt_token_ids)
+        output = earlier.output_token_ids
+    elif earlier is not None:
+        if field == "chat":
+            raise InvalidRequest("chat", "cannot continue a request; give text or token_ids")
+        tail = _input_ids(request, field, tokenizer, vocab_size, add_special_tokens=False)
+        if not tail:
+            raise InvalidRequest(field, "the new turn is empty")
+        ids = [*earlier.prompt_token_ids, *earlier.output_token_ids, *tail]
+    elif field is None:
         raise InvalidRequest("input", "set one of text, token_ids or chat")
-    if field == "text":
-        ids = tokenizer.encode(request.text) if request.text else []
-    elif field == "token_ids":
-        ids = list(request.token_ids.ids)
-        _check_token_ids("token_ids.ids", ids, vocab_size)
     else:
-        ids = chat_token_ids(request.chat, tokenizer)
+        ids = _input_ids(request, field, tokenizer, vocab_size, add_special_tokens=True)
     if not ids:
         raise InvalidRequest(field, "the prompt is empty")
-    if len(ids) >= max_model_len:
+    if len(ids) + len(output) >= max_model_len:
         raise InvalidRequest(
             field,
-            f"the prompt has {len(ids)} tokens; the model's context holds {max_model_len}, "
-            "including at least one generated token",
+            f"the prompt has {len(ids) + len(output)} tokens; the model's context holds "
+            f"{max_model_len}, including at least one generated token",
         )
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-    return ValidRequest(tuple(ids), params, skip)
+    return ValidRequest(tuple(ids), params, skip, output)
+
+
+def _input_ids(
+    request: pb.GenerateRequest,
+    field: str,
+    tokenizer: Tokenizer,
+    vocab_size: int,
+    add_special_tokens: bool,
+) -> list[int]:
+    if field == "text":
+        return tokenizer.encode(request.text, add_special_tokens) if request.text else []
+    if field == "token_ids":
+        ids = list(request.token_ids.ids)
+        _check_token_ids("token_ids.ids", ids, vocab_size)
+        return ids
+    return chat_token_ids(request.chat, tokenizer)
 
 
 def reject_unknown_fields(message: Message, path: str = "") -> None:
@@ -76,10 +122,13 @@ def reject_unknown_fields(message: Message, path: str = "") -> None:
             reject_unknown_fields(value, name)
 
 
-def sampling_params(options: pb.SamplingOptions, vocab_size: int) -> SamplingParams:
-    """Unset fields take `SamplingParams`' defaults (proto3 `optional` keeps them apart from
-    zeros). Field names are the same on both sides."""
-    values = {d.name: v for d, v in options.ListFields()}
+def sampling_params(
+    options: pb.SamplingOptions, vocab_size: int, base: SamplingParams | None = None
+) -> SamplingParams:
+    """Unset fields take `base`'s values, or `SamplingParams`' defaults (proto3 `optional`
+    keeps them apart from zeros). Field names are the same on both sides."""
+    values = base.to_dict() if base is not None else {}
+    values.update((d.name, v) for d, v in options.ListFields())
     for name in ("stop", "stop_token_ids"):
         if name in values:
             values[name] = tuple(values[name])

@@ -23,8 +23,9 @@ def test_only_model_is_required_and_everything_else_has_a_default():
     assert (config.prefill.workers, config.decode.workers, config.router.policy) == (
         1,
         1,
-        "least_loaded",
+        "cache_aware",
     )
+    assert (config.router.request_table_size, config.router.request_table_ttl_s) == (10_000, 600)
     with pytest.raises(ConfigError, match="^model: required"):
         config_from_dict({})
 
@@ -43,6 +44,10 @@ def test_the_embedded_local_config_loads(tmp_path):
         ({"kv_transfer": {"timeout_s": 0}}, "kv_transfer.timeout_s"),
         ({"router": {"policy": "random"}}, "router.policy"),
         ({"router": {"listen": "nohost"}}, "router.listen"),
+        ({"router": {"cache_weight": -1}}, "router.cache_weight"),
+        ({"router": {"local_prefill_max_tokens": -1}}, "router.local_prefill_max_tokens"),
+        ({"router": {"request_table_size": 0}}, "router.request_table_size"),
+        ({"router": {"request_table_ttl_s": 0}}, "router.request_table_ttl_s"),
         ({"decode": {"workers": 0}}, "decode.workers"),
         ({"decode": {"tp": 2}}, "decode.tp"),
         ({"dtype": "float8"}, "dtype"),

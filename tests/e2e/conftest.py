@@ -17,7 +17,9 @@ def cluster_config(tiny_llama_dir):
             "kv_cache": {"num_blocks": 256},
             "prefill": {"token_budget": 256},
             "kv_transfer": {"timeout_s": 5},
-            "router": {"listen": "127.0.0.1:0"},
+            # NOTE: 0 keeps every prompt that the decode worker does not hold whole on the
+            # prefill worker, so these tests exercise the KV transfer.
+            "router": {"listen": "127.0.0.1:0", "local_prefill_max_tokens": 0},
         }
     )
 

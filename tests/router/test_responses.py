@@ -6,13 +6,17 @@ import time
 
 from pdserve.api.messages import Timings, TokenDelta, TokenLogprobs, Usage
 from pdserve.api.sampling import SamplingParams
+from pdserve.router.placement import Assignment
 from pdserve.router.responses import ResponseBuilder
 
 PROMPT = (995, 71, 72)
+PLACED = Assignment("prefill-1", "decode-0")
 
 
 def builder(tokenizer, **params) -> ResponseBuilder:
-    return ResponseBuilder("r", tokenizer, PROMPT, SamplingParams(**params), time.monotonic())
+    return ResponseBuilder(
+        "r", tokenizer, PROMPT, SamplingParams(**params), time.monotonic(), PLACED
+    )
 
 
 def test_a_character_split_across_tokens_is_never_sent_broken(tokenizer):
@@ -84,8 +88,20 @@ def test_special_tokens_show_in_the_text_only_when_kept(tokenizer):
     eot = tokenizer.token_to_id("<|eot_id|>")
     hello = tokenizer.encode("Hello", add_special_tokens=False)
     delta = TokenDelta("r", (*hello, eot), finish_reason="stop")
-    args = ("r", tokenizer, PROMPT, SamplingParams(), time.monotonic())
+    args = ("r", tokenizer, PROMPT, SamplingParams(), time.monotonic(), PLACED)
     assert ResponseBuilder(*args).on_delta(delta).text == "Hello"
     assert ResponseBuilder(*args, skip_special_tokens=False).on_delta(delta).text == (
         "Hello<|eot_id|>"
     )
+
+
+def test_the_last_message_says_where_the_request_ran(tokenizer):
+    b = builder(tokenizer)
+    first = b.on_delta(TokenDelta("r", (256,)))
+    last = b.on_delta(TokenDelta("r", (75,), finish_reason="length", prefilled_by=""))
+    assert not first.HasField("placement")
+    assert (last.placement.prefill_worker, last.placement.decode_worker) == ("", "decode-0")
+    b = builder(tokenizer, stop=["ab"])
+    stopped = b.on_delta(TokenDelta("r", tuple(tokenizer.encode("xab", add_special_tokens=False))))
+    assert stopped.finish_reason == "stop"
+    assert stopped.placement.prefill_worker == "prefill-1"

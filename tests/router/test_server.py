@@ -56,6 +56,10 @@ BAD_REQUESTS = {
         "chat.messages[0].role",
     ),
     "request id too long": (build_request("hi", request_id="x" * 300), "request_id"),
+    "pinned worker id too long": (
+        build_request("hi", decode_worker="d" * 300),
+        "placement.decode_worker",
+    ),
 }
 
 
