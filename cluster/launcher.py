@@ -109,6 +109,9 @@ def launch_workers(config: ClusterConfig) -> Workers:
         )
     try:
         workers.max_model_len = min(ray.get([h.start.remote() for h in workers.all().values()]))
+        # Channels open in the background; the first requests need not wait for them.
+        for handle in workers.prefill.values():
+            handle.connect.remote(list(workers.decode))
     except Exception:
         stop_workers(workers)
         raise

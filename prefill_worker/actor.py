@@ -1,10 +1,13 @@
 """The Ray actor shell of a prefill worker.
 
 This module imports neither torch nor the engine, so the router process can create actors
-from it and stay torch-free; the service (and torch) load inside the actor's own process.
+from it and stay torch-free; the service (and torch) load inside the actor's own process,
+where this shell sets the process-wide torch thread count.
 """
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 import ray
 from ray.actor import ActorHandle
@@ -18,12 +21,13 @@ class PrefillWorker:
     def __init__(
         self, worker_id: str, engine_config: EngineConfig, transfer_timeout_s: float, threads: int
     ) -> None:
+        import torch
+
         from pdserve.prefill_worker.service import PrefillService
 
+        torch.set_num_threads(threads)
         self._handles: dict[str, ActorHandle] = {}
-        self._svc = PrefillService(
-            worker_id, engine_config, transfer_timeout_s, self._decode, threads
-        )
+        self._svc = PrefillService(worker_id, engine_config, transfer_timeout_s, self._decode)
 
     def _decode(self, worker_id: str) -> ActorHandle:
         handle = self._handles.get(worker_id)
@@ -37,14 +41,24 @@ class PrefillWorker:
         await self._svc.start()
         return self._svc.engine.max_model_len
 
+    async def connect(self, decode_ids: list[str]) -> None:
+        await self._svc.connect(decode_ids)
+
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         return await self._svc.prefill(req)
 
-    async def abort(self, request_id: str) -> bool:
-        return await self._svc.abort(request_id)
+    async def abort(self, attempt_id: str) -> bool:
+        return await self._svc.abort(attempt_id)
 
     async def status(self) -> WorkerStatus:
         return await self._svc.status()
+
+    async def kv_snapshot(self) -> bytes:
+        return self._svc.kv_snapshot()
+
+    async def kv_events(self) -> AsyncIterator[bytes]:
+        async for batch in self._svc.kv_events():
+            yield batch
 
     async def inject_fault(self, decode_id: str, after_messages: int) -> None:
         self._svc.inject_fault(decode_id, after_messages)

@@ -84,6 +84,10 @@ class RadixIndex:
         self._position.pop(worker_id, None)
         self.loads.pop(worker_id, None)
 
+    def blocks_of(self, worker_id: str) -> set[int]:
+        """The block hashes the index believes `worker_id` holds."""
+        return set(self._blocks.get(worker_id, ()))
+
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """For every worker holding the prompt's first block: how many leading blocks of
         `hashes` it holds."""

@@ -160,7 +160,9 @@ def test_failed_transfer_falls_back_and_the_next_crosses_a_rebuilt_channel(
     after = wait_until_idle(cluster)["decode-0"]
     assert after.prompt_tokens_computed == middle.prompt_tokens_computed
     assert after.transfer_fallbacks == middle.transfer_fallbacks
-    assert after.kv_bytes_received - middle.kv_bytes_received == kv_bytes(len(prompt))
+    # the decode worker computed the prompt itself the first time: its full blocks are cached
+    # there, so only the last partial block's tokens cross the rebuilt channel
+    assert after.kv_bytes_received - middle.kv_bytes_received == kv_bytes(len(prompt) % 16)
     for s in wait_until_idle(cluster).values():
         assert s.free_blocks == s.total_blocks
 

@@ -9,19 +9,11 @@ import pytest
 import torch
 
 from pdserve.api.errors import TransferFailed
+from pdserve.api.messages import TokenLogprobs
 from pdserve.engine.kv_pool import allocate_kv_cache
-from pdserve.engine.kv_transfer import (
-    KIND_CANCEL,
-    KIND_DONE,
-    KIND_KEEPALIVE,
-    KIND_KV,
-    RECEIVER,
-    SENDER,
-    KVChannel,
-    gather_tokens,
-    scatter_tokens,
-    token_slots,
-)
+from pdserve.engine.kv_transfer.channel import RECEIVER, SENDER, KVChannel
+from pdserve.engine.kv_transfer.messages import KeepAlive, KVChunk, TransferCancel, TransferDone
+from pdserve.engine.kv_transfer.slots import gather_tokens, scatter_tokens, token_slots
 
 CPU = torch.device("cpu")
 
@@ -47,19 +39,19 @@ def test_layer_payloads_land_in_the_receivers_own_blocks():
     src_blocks, dst_blocks = [5, 1, 6], [0, 7, 3]
     sender, receiver = _pair()
     for layer in range(2):
-        payload = gather_tokens(src, layer, token_slots(src_blocks, 4, 0, 10, CPU), slice(None))
-        sender.send_kv(7, layer, 0, payload)
-    sender.send_done(7, 42, [0.1, 0.2])
-    sender.send_cancel(8)
-    sender.send_keepalive()
+        payload = gather_tokens(src, layer, token_slots(src_blocks, 4, 0, 10, CPU))
+        sender.send(KVChunk(7, layer, 0, payload))
+    done = TransferDone(7, 42, TokenLogprobs(42, -0.5, ((42, -0.5), (3, -1.5))), 16, 0.1, 0.2, 5.0)
+    sender.send(done)
+    sender.send(TransferCancel(8))
+    sender.send(KeepAlive())
     for layer in range(2):
         msg = receiver.recv()
-        assert (msg.kind, msg.transfer_id, msg.layer, msg.token_start) == (KIND_KV, 7, layer, 0)
-        scatter_tokens(dst, layer, token_slots(dst_blocks, 4, 0, 10, CPU), slice(None), msg.payload)
-    done = receiver.recv()
-    assert (done.kind, done.first_token, done.payload.tolist()) == (KIND_DONE, 42, [0.1, 0.2])
-    assert receiver.recv().kind == KIND_CANCEL
-    assert receiver.recv().kind == KIND_KEEPALIVE
+        assert (msg.transfer_id, msg.layer, msg.token_start) == (7, layer, 0)
+        scatter_tokens(dst, layer, token_slots(dst_blocks, 4, 0, 10, CPU), msg.payload)
+    assert receiver.recv() == done
+    assert receiver.recv() == TransferCancel(8)
+    assert receiver.recv() == KeepAlive()
     sender.flush()
     for layer in range(2):
         for kv in range(2):

@@ -7,14 +7,15 @@ import asyncio
 
 from pdserve.api.messages import PrefillRequest
 from pdserve.api.sampling import SamplingParams
-from pdserve.decode_worker.service import DecodeService, Reservation
+from pdserve.decode_worker.service import DecodeService
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_transfer.receiver import Incoming
 
 PARAMS = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, seed=1)
 
 
 def test_transfer_is_complete_only_when_every_layer_arrived_without_gaps():
-    res = Reservation(1, None, [0, 1], 20, None, [0, 0])
+    res = Incoming(1, "r", None, [0, 1], 20, [0, 0])
     res.record(0, 0, 16)
     res.record(1, 0, 16)
     assert not res.complete
@@ -32,9 +33,9 @@ async def _next_deltas(svc: DecodeService, timeout: float = 30.0):
     while True:
         outputs = await asyncio.wait_for(anext(stream), timeout)
         for d in outputs.deltas:
-            deltas.setdefault(d.request_id, []).append(d)
+            deltas.setdefault(d.attempt_id, []).append(d)
             if d.finish_reason:
-                return d.request_id, deltas
+                return d.attempt_id, deltas
 
 
 def test_a_failed_step_ends_its_requests_with_an_error_and_the_loop_serves_on(tiny_llama_dir):
@@ -44,11 +45,12 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_loop_serves_on(ti
         )
         await svc.start()
         await svc.prefill_locally(PrefillRequest("bad", (5, 6, 7, 8), PARAMS, "decode-t"))
-        svc.engine.scheduler.waiting[0].token_ids[1] = 10**6  # corrupt: the forward raises
+        svc.engine._scheduler.waiting[0].token_ids[1] = 10**6  # corrupt: the forward raises
         rid, deltas = await _next_deltas(svc)
         assert rid == "bad" and deltas["bad"][-1].finish_reason == "error"
         assert "decode step failed" in deltas["bad"][-1].error
-        assert svc.engine.pool.num_free == 32 and not svc.engine.has_unfinished()
+        stats = svc.engine.stats()
+        assert stats.free_blocks == 32 and not svc.engine.has_unfinished()
 
         await svc.prefill_locally(PrefillRequest("good", (5, 6, 7, 8), PARAMS, "decode-t"))
         rid, deltas = await _next_deltas(svc)
@@ -66,6 +68,6 @@ def test_local_prefill_of_a_known_request_is_ignored(tiny_llama_dir):
         req = PrefillRequest("r", (5, 6, 7), PARAMS, "decode-t")
         assert await svc.prefill_locally(req)
         assert await svc.prefill_locally(req)
-        assert len(svc.engine.scheduler.waiting) == 1
+        assert svc.engine.stats().waiting == 1
 
     asyncio.run(scenario())

@@ -44,16 +44,16 @@ async def _tokens(decode: DecodeService, request_id: str) -> list[int]:
     while True:
         outputs = await asyncio.wait_for(anext(stream), 30)
         for d in outputs.deltas:
-            if d.request_id == request_id:
+            if d.attempt_id == request_id:
                 tokens += d.token_ids
                 if d.finish_reason:
                     return tokens
 
 
 def _idle(*services) -> bool:
-    return all(
-        s.engine.pool.num_free == s.engine.pool.num_blocks and not s.engine.has_unfinished()
-        for s in services
+    stats = [s.engine.stats() for s in services]
+    return all(s.free_blocks == s.total_blocks and not s.reserved for s in stats) and not any(
+        s.engine.has_unfinished() for s in services
     )
 
 
@@ -65,7 +65,7 @@ def test_chunked_prefill_crosses_the_channel_and_decodes_like_one_engine(tiny_ll
         result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
         assert result.ok
         assert await _tokens(decode, "r") == expected
-        assert decode.engine.num_prompt_tokens_computed == 0
+        assert decode.engine.stats().prompt_tokens_computed == 0
         assert _idle(prefill, decode)
 
     asyncio.run(scenario())
@@ -82,10 +82,10 @@ def test_abort_while_the_reservation_travels_frees_both_sides(tiny_llama_dir):
         result = await task
         assert not result.ok and result.error_code == "CANCELLED"
         for _ in range(200):
-            if _idle(prefill, decode) and not decode._reservations:
+            if _idle(prefill, decode):
                 break
             await asyncio.sleep(0.01)
-        assert _idle(prefill, decode) and not decode._reservations
+        assert _idle(prefill, decode)
 
     asyncio.run(scenario())
 
@@ -93,10 +93,11 @@ def test_abort_while_the_reservation_travels_frees_both_sides(tiny_llama_dir):
 def test_a_full_decode_pool_refuses_and_the_started_prompt_is_dropped(tiny_llama_dir):
     async def scenario():
         prefill, decode = await _services(tiny_llama_dir)
-        held = decode.engine.pool.allocate(60)  # other requests hold 60 of the 64 blocks
+        # another transfer holds 60 of the 64 blocks
+        decode.engine.reserve("other", tuple(range(3, 3 + 60 * 16 - 1)), PARAMS)
         result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
         assert not result.ok and result.error_code == "RESOURCE_EXHAUSTED"
-        decode.engine.pool.free(held)
+        decode.engine.abort("other")
         assert _idle(prefill, decode)
 
     asyncio.run(scenario())

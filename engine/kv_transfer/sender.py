@@ -1,0 +1,352 @@
+"""The prefill side of KV transfer: channels to decode workers and the transfers on them.
+
+A prompt starts computing while its reservation travels to the decode worker. Each layer's KV
+of each request is gathered into one staging buffer and sent (isend) as soon as the layer is
+done, so the transfer overlaps the following layers; until the reservation lands, finished
+layers wait in a stash. The reservation says how many leading tokens the decode worker holds
+already: only the tokens after them are sent, including ones this worker took from its own
+prefix cache rather than computing. `TransferDone` with the first sampled token closes a
+transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pdserve.api.errors import NotFound, PdserveError, TransferFailed
+from pdserve.api.messages import ChannelAddress, PrefillRequest, TokenLogprobs
+from pdserve.engine.kv_transfer.channel import SENDER, KVChannel
+from pdserve.engine.kv_transfer.messages import (
+    KeepAlive,
+    KVChunk,
+    Message,
+    TransferCancel,
+    TransferDone,
+)
+from pdserve.engine.kv_transfer.slots import gather_tokens, token_slots
+from pdserve.engine.scheduler import ScheduledSeq
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteRefusal(PdserveError):
+    """The decode worker refused the reservation; carries its gRPC status name."""
+
+    def __init__(self, grpc_code: str, message: str) -> None:
+        super().__init__(message)
+        self.grpc_code = grpc_code
+
+
+@dataclass(eq=False)
+class _Channel:
+    decode_id: str
+    kv: KVChannel
+    epoch: int
+    fail_after_messages: int | None = None
+
+
+@dataclass(eq=False)
+class Outgoing:
+    """One request's KV on its way to a decode worker. Until the reservation lands (`channel
+    is None`), finished layers wait in `stash` and the closing message in `done_msg`."""
+
+    request: PrefillRequest
+    num_layers: int
+    arrived: float = field(default_factory=time.monotonic)
+    transfer_id: int = -1
+    channel: _Channel | None = None
+    decode_cached: int = 0
+    layer_sent: list[int] = field(default_factory=list)
+    stash: list[KVChunk] = field(default_factory=list)
+    done_msg: TransferDone | None = None
+    started: float | None = None
+    first_sent_at: float | None = None
+    failed: bool = False
+
+    def __post_init__(self) -> None:
+        self.layer_sent = [0] * self.num_layers
+
+
+class KVSender:
+    """`decode_handle(worker_id)` returns the Ray handle of a decode worker (its leader rank);
+    `block_ids(attempt_id)` the blocks of a request in the local engine."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        block_ids: Callable[[str], list[int]],
+        decode_handle: Callable[[str], Any],
+        timeout_s: float,
+    ) -> None:
+        self.worker_id = worker_id
+        self._kv_cache = kv_cache
+        self._block_size = block_size
+        self._block_ids = block_ids
+        self._decode_handle = decode_handle
+        self._timeout_s = timeout_s
+        self._channels: dict[str, _Channel] = {}
+        self._opening: dict[str, asyncio.Task[_Channel]] = {}
+        self._transfers: dict[str, Outgoing] = {}
+        self._closed_bytes = 0
+        self.blocks_sent = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._closed_bytes + sum(c.kv.bytes_sent for c in self._channels.values())
+
+    def begin(self, req: PrefillRequest) -> Outgoing:
+        t = Outgoing(req, self._kv_cache.shape[0])
+        self._transfers[req.attempt_id] = t
+        return t
+
+    def has(self, attempt_id: str) -> bool:
+        return attempt_id in self._transfers
+
+    def forget(self, t: Outgoing) -> None:
+        if self._transfers.get(t.request.attempt_id) is t:
+            del self._transfers[t.request.attempt_id]
+
+    async def connect(self, decode_id: str) -> None:
+        """Opens the channel to a decode worker ahead of its first request."""
+        await self._channel(decode_id)
+
+    async def reserve(self, t: Outgoing) -> None:
+        """Reserves blocks on the decode worker, then sends what waited for the reservation.
+        Raises `TransferFailed` when no channel can be had, `RemoteRefusal` when the decode
+        worker says no."""
+        req = t.request
+        decode = self._decode_handle(req.decode_worker)
+        for _ in range(2):
+            chan = await self._channel(req.decode_worker)
+            reply = await decode.reserve.remote(req, self.worker_id, chan.epoch)
+            if not reply.stale_channel:
+                break
+            self._drop_channel(chan)
+        else:
+            raise TransferFailed(f"no usable KV channel to {req.decode_worker}")
+        if reply.error_code:
+            raise RemoteRefusal(reply.error_code, reply.error or "")
+        t.transfer_id, t.channel, t.decode_cached = reply.transfer_id, chan, reply.cached_tokens
+        if self._transfers.get(req.attempt_id) is not t:
+            self.cancel(t)  # aborted while the reservation travelled
+            return
+        for chunk in t.stash:
+            self._send_chunk(t, chunk)
+        t.stash = []
+        if t.done_msg is not None:
+            self._close(t)
+
+    def ship_layer(self, scheduled: list[ScheduledSeq], layer: int) -> None:
+        """Runs inside the forward pass, right after `layer` wrote its KV."""
+        now = time.monotonic()
+        for item in scheduled:
+            t = self._transfers.get(item.seq.request_id)
+            if t is None or t.failed:
+                continue
+            if t.started is None:
+                t.started = now
+            # NOTE: the first chunk also covers the prompt tokens taken from this worker's own
+            # prefix cache (never computed here, but possibly missing on the decode worker).
+            start = max(t.layer_sent[layer], t.decode_cached)
+            end = item.seq.num_computed + item.num_tokens
+            if start >= end:
+                continue
+            t.layer_sent[layer] = end
+            slots = token_slots(
+                self._block_ids(item.seq.request_id),
+                self._block_size,
+                start,
+                end,
+                self._kv_cache.device,
+            )
+            chunk = KVChunk(
+                t.transfer_id, layer, start, gather_tokens(self._kv_cache, layer, slots)
+            )
+            if t.channel is None:
+                t.stash.append(chunk)
+            else:
+                self._send_chunk(t, chunk)
+
+    def finish(
+        self,
+        attempt_id: str,
+        first_token: int,
+        logprobs: TokenLogprobs | None,
+        cached_prompt_tokens: int,
+    ) -> Outgoing | None:
+        """The first token is sampled: close the transfer (now, or once the reservation
+        lands). Returns the transfer, or None if it is not this sender's."""
+        t = self._transfers.get(attempt_id)
+        if t is None:
+            return None
+        now = time.monotonic()
+        started = t.started or now
+        t.done_msg = TransferDone(
+            t.transfer_id,
+            first_token,
+            logprobs,
+            cached_prompt_tokens,
+            queue_s=started - t.arrived,
+            prefill_s=now - started,
+            first_sent_at=None,
+        )
+        if t.channel is not None:
+            self._close(t)
+        return t
+
+    def _close(self, t: Outgoing) -> None:
+        """Sends DONE. A failed transfer sends nothing: the decode worker sees the broken
+        channel and prefills the request itself."""
+        self.forget(t)
+        if t.failed:
+            return
+        bs = self._block_size
+        self.blocks_sent += max(0, -(-t.layer_sent[0] // bs) - t.decode_cached // bs)
+        msg = t.done_msg
+        done = TransferDone(
+            t.transfer_id,
+            msg.first_token,
+            msg.first_logprobs,
+            msg.cached_prompt_tokens,
+            msg.queue_s,
+            msg.prefill_s,
+            t.first_sent_at,
+        )
+        self._send(t, done)
+        self._flush(t.channel)
+
+    def cancel(self, t: Outgoing) -> None:
+        """Gives a transfer up; the decode worker frees its reservation."""
+        self.forget(t)
+        if t.channel is None or t.failed:
+            return  # `reserve` cancels it once the reservation lands
+        self._send(t, TransferCancel(t.transfer_id))
+        self._flush(t.channel)
+
+    def abort(self, attempt_id: str) -> Outgoing | None:
+        t = self._transfers.get(attempt_id)
+        if t is not None:
+            self.cancel(t)
+        return t
+
+    def fail_all(self) -> list[Outgoing]:
+        transfers = list(self._transfers.values())
+        for t in transfers:
+            self.cancel(t)
+        return transfers
+
+    def flush_all(self) -> None:
+        """Waits for every queued send (after a step); a failed channel fails its transfers."""
+        live = {id(t.channel): t.channel for t in self._transfers.values() if t.channel}
+        for chan in live.values():
+            self._flush(chan)
+
+    def keep_alive(self) -> None:
+        """Transfers queued behind other prompts send nothing for a while; tell their
+        receivers the peer lives."""
+        now = time.monotonic()
+        live = {id(t.channel): t.channel for t in self._transfers.values() if t.channel}
+        for chan in live.values():
+            fresh = now - chan.kv.last_send <= self._timeout_s / 4
+            if fresh or self._channels.get(chan.decode_id) is not chan:
+                continue
+            try:
+                chan.kv.send(KeepAlive())
+                chan.kv.flush()
+            except TransferFailed as e:
+                self._channel_failed(chan, e)
+
+    def inject_fault(self, decode_id: str, after_messages: int) -> None:
+        """Chaos hook: close the channel to `decode_id` after it sends `after_messages` more
+        messages, as a dying link would, mid-transfer."""
+        chan = self._channels.get(decode_id)
+        if chan is None:
+            raise NotFound(f"no KV channel to {decode_id}")
+        chan.fail_after_messages = after_messages
+
+    def _send_chunk(self, t: Outgoing, chunk: KVChunk) -> None:
+        """Sends the tokens of `chunk` that the decode worker does not hold already."""
+        skip = max(0, t.decode_cached - chunk.token_start)
+        n = chunk.payload.shape[0]
+        if skip >= n:
+            return
+        start = chunk.token_start + skip
+        if t.first_sent_at is None:
+            t.first_sent_at = time.time()
+        self._send(t, KVChunk(t.transfer_id, chunk.layer, start, chunk.payload[skip:]))
+
+    def _send(self, t: Outgoing, msg: Message) -> None:
+        chan = t.channel
+        try:
+            if chan.fail_after_messages is not None:
+                if chan.fail_after_messages <= 0:
+                    raise TransferFailed("channel closed by an injected fault")
+                chan.fail_after_messages -= 1
+            chan.kv.send(msg)
+        except TransferFailed as e:
+            self._channel_failed(chan, e)
+
+    def _flush(self, chan: _Channel) -> None:
+        try:
+            chan.kv.flush()
+        except TransferFailed as e:
+            self._channel_failed(chan, e)
+
+    async def _channel(self, decode_id: str) -> _Channel:
+        chan = self._channels.get(decode_id)
+        if chan is not None and not chan.kv.broken:
+            return chan
+        task = self._opening.get(decode_id)
+        if task is None:
+            task = asyncio.ensure_future(self._open(decode_id))
+            self._opening[decode_id] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._opening.pop(decode_id, None)
+
+    async def _open(self, decode_id: str) -> _Channel:
+        addr: ChannelAddress = await self._decode_handle(decode_id).open_channel.remote(
+            self.worker_id
+        )
+        device = self._kv_cache.device
+        try:
+            kv = await asyncio.to_thread(
+                KVChannel.join, addr.host, addr.port, SENDER, device, self._timeout_s
+            )
+        except Exception as e:  # the store or the group could not be reached
+            raise TransferFailed(f"cannot join the KV channel of {decode_id}: {e}") from e
+        old = self._channels.get(decode_id)
+        if old is not None:
+            self._drop_channel(old)
+        chan = _Channel(decode_id, kv, addr.epoch)
+        self._channels[decode_id] = chan
+        logger.info("KV channel to %s open (epoch %d)", decode_id, addr.epoch)
+        return chan
+
+    def _drop_channel(self, chan: _Channel) -> None:
+        """Closes the channel, so a receiver blocked on it fails at once rather than at its
+        timeout; the next request to that decode worker builds a new one."""
+        if self._channels.get(chan.decode_id) is chan:
+            del self._channels[chan.decode_id]
+            self._closed_bytes += chan.kv.bytes_sent
+        chan.kv.close()
+
+    def _channel_failed(self, chan: _Channel, error: Exception) -> None:
+        """Every transfer on a failed channel is given up; the decode worker sees the channel
+        close and prefills those requests itself."""
+        logger.warning("KV channel to %s failed: %s", chan.decode_id, error)
+        for t in self._transfers.values():
+            if t.channel is chan:
+                t.failed = True
+        self._drop_channel(chan)
