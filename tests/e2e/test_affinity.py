@@ -110,9 +110,7 @@ def test_multi_turn_conversations_reuse_their_prefix_and_spread_over_decode_work
                 c = todo.pop(0)
             prompt, turns = system + tails[c][0], []
             for t in range(4):
-                r = client.complete(
-                    prompt, max_tokens=TURN_TOKENS, temperature=0, ignore_eos=True
-                )
+                r = client.complete(prompt, max_tokens=TURN_TOKENS, temperature=0, ignore_eos=True)
                 turns.append((prompt, r))
                 if t < 3:
                     prompt = prompt + r.token_ids + tails[c][t + 1]
