@@ -48,7 +48,10 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("PDSERVE_API_KEY"),
         help="API key of the router (default: $PDSERVE_API_KEY)",
     )
-    p.add_argument("--tls-root-cert", help="PEM file of the CA that signed the router's cert")
+    p.add_argument(
+        "--tls-root-cert",
+        help="PEM file of the CA that signed the router's cert (default: none, plain TCP)",
+    )
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -273,9 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         "head-dim",
         "seed",
     ):
-        p.add_argument(
-            f"--{flag}", type=int, default=None, help="(default: the tiny model's)"
-        )
+        p.add_argument(f"--{flag}", type=int, default=None, help="(default: the tiny model's)")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = command("import-gguf", "write a Hugging Face model folder from a GGUF file")
@@ -285,8 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", "complete one prompt, in-process or through a server")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", help="model folder or .gguf file (in-process engine)")
-    p.add_argument("--server", help="HOST:PORT of a running pdserve router")
+    p.add_argument(
+        "--model",
+        help="model folder or .gguf file, run in-process (default: none, give this or --server)",
+    )
+    p.add_argument(
+        "--server", help="HOST:PORT of a running router (default: none, give this or --model)"
+    )
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights and KV dtype")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where the engine runs")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -302,20 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = command("status", "the workers of a running cluster; exit 0 when serving")
-    p.add_argument("--server", required=True, help="HOST:PORT of a running pdserve router")
+    p.add_argument("--server", required=True, help="HOST:PORT of a running router (required)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
     _add_connection_flags(p)
     p.set_defaults(func=cmd_status)
 
     p = command("bench", "TTFT, time per output token and throughput of a cluster")
-    p.add_argument("--server", help="HOST:PORT of a running pdserve router")
+    p.add_argument("--server", help="HOST:PORT of a running router (default: none)")
     p.add_argument("--rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
     p.add_argument("--num", type=int, default=64, help="number of requests")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
     p.add_argument("--colocated", action="store_true", help="also run one in-process engine")
-    p.add_argument("--model", help="model folder for --colocated")
+    p.add_argument("--model", help="model folder for --colocated (default: none)")
     p.add_argument(
         "--num-blocks", type=int, default=512, help="KV blocks of the --colocated engine"
     )
@@ -331,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = command("bench-engine", "throughput of one in-process engine")
-    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--model", required=True, help="model folder (required)")
     p.add_argument("--batch", type=int, default=32, help="prompts in the batch")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens")
