@@ -120,12 +120,27 @@ def launch_workers(config: ClusterConfig) -> Workers:
             .remote(wid, _engine_config(config, "prefill"), timeout, threads)
         )
     try:
-        workers.max_model_len = min(ray.get([h.start.remote() for h in workers.all().values()]))
+        workers.max_model_len = min(
+            _get_interruptibly([h.start.remote() for h in workers.all().values()])
+        )
     except BaseException:  # KeyboardInterrupt too: Ctrl-C while models load
         stop_workers(workers)
         raise
     logger.info("workers ready: %s", ", ".join(workers.all()))
     return workers
+
+
+def _get_interruptibly(refs: list[Any]) -> list[Any]:
+    """`ray.get` that Ctrl-C can stop.
+
+    NOTE: a plain `ray.get` waits inside Ray's C++ core, where Python never runs a signal
+    handler: SIGINT was ignored until every worker had loaded its model."""
+    import ray
+
+    pending = refs
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+    return ray.get(refs)
 
 
 def stop_workers(workers: Workers) -> None:
@@ -215,16 +230,25 @@ def serve(
     every worker it started.
 
     NOTE: Ray and the workers start outside asyncio: `asyncio.run` turns the first Ctrl-C into
-    a task cancellation, which a blocking `ray.get` would not see until every worker loaded.
-    Here SIGINT (and SIGTERM) raise KeyboardInterrupt wherever start-up is.
+    a task cancellation, which start-up would not see until every worker loaded. Here SIGINT
+    and SIGTERM raise KeyboardInterrupt wherever start-up is; during `ray.init` they are only
+    noted and raised once it returns (an exception inside it crashed the process: SIGSEGV).
     """
     import signal
 
     import ray
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    start_ray(config, address)
+    noted = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: noted.append(signum))
     try:
+        start_ray(config, address)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler)
+    try:
+        if noted:
+            raise KeyboardInterrupt
         workers = launch_workers(config)
         try:
             asyncio.run(_serve_router(config, workers, on_ready))
