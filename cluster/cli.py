@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pdserve import __version__
 from pdserve.api.errors import PdserveError
 from pdserve.api.sampling import SamplingParams
-from pdserve.cluster.config import DEVICES, DTYPES
+from pdserve.cluster.config import DEVICES, DTYPES, ClusterConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_SAMPLING = SamplingParams()
@@ -132,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster_config(args: argparse.Namespace, log: Callable[[str], None]):
+def _cluster_config(args: argparse.Namespace, log: Callable[[str], None]) -> ClusterConfig:
     """The config of `serve` and `demo`: the YAML (or the embedded default), the command-line
     overrides, and a default model when neither names one; a GGUF model is imported first."""
     import importlib.resources
@@ -140,16 +140,11 @@ def _cluster_config(args: argparse.Namespace, log: Callable[[str], None]):
     from pdserve.cluster.config import load_config
     from pdserve.cluster.models import default_model, hf_folder
 
-    overrides: dict = {}
-    for key, value in (
-        ("model", getattr(args, "model", None)),
-        ("dtype", getattr(args, "dtype", None)),
-        ("device", getattr(args, "device", None)),
-    ):
-        if value is not None:
-            overrides[key] = value
+    overrides: dict = {
+        key: getattr(args, key) for key in ("model", "dtype", "device") if getattr(args, key)
+    }
     for role in ("prefill", "decode"):
-        workers = getattr(args, f"{role}_workers", None)
+        workers = getattr(args, f"{role}_workers")
         if workers is not None:
             overrides[role] = {"workers": workers}
     if args.config is None:
