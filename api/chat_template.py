@@ -21,6 +21,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pdserve.api.errors import InvalidRequest
 
 MESSAGE_FIELDS = ("role", "content")
+# The roles of OpenAI's chat API that chat templates render; any other is refused rather than
+# passed to a template that may drop or mangle it.
+ROLES = ("system", "user", "assistant", "tool")
 
 # Appended to the final message before rendering; where it lands shows where that message's
 # content ends in the output, whatever the template writes after it.
@@ -118,6 +121,10 @@ def validate_messages(messages: object) -> list[dict[str, str]]:
                 raise InvalidRequest(f"{where}.{key}", "must be a string")
         if not message["role"]:
             raise InvalidRequest(f"{where}.role", "must not be empty")
+        if message["role"] not in ROLES:
+            raise InvalidRequest(
+                f"{where}.role", f"{message['role']!r} is not one of {', '.join(ROLES)}"
+            )
         checked.append({"role": message["role"], "content": message["content"]})
     return checked
 

@@ -13,7 +13,8 @@ from pdserve.api.errors import InvalidRequest
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What to generate. `temperature == 0` means greedy.
+    """What to generate. Greedy unless a temperature > 0 is given; these defaults are the
+    same at every door (gRPC, `pdserve generate`, the Python client).
 
     `seed` makes sampling reproducible: the randomness of the token at absolute position p
     depends only on (seed, p), so a request resumed from its prompt plus the tokens it already
@@ -21,7 +22,7 @@ class SamplingParams:
     """
 
     max_tokens: int = 16
-    temperature: float = 1.0
+    temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0

@@ -8,18 +8,37 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
+from collections.abc import Callable
 
+from pdserve import __version__
 from pdserve.api.errors import PdserveError
+from pdserve.api.sampling import SamplingParams
+from pdserve.cluster.config import DEVICES, DTYPES, ClusterConfig
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_SAMPLING = SamplingParams()
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each flag's default to its help; a flag whose default is None says in its own
+    help what happens when it is not given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
+    d = DEFAULT_SAMPLING
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens to generate")
+    p.add_argument(
+        "--temperature", type=float, default=d.temperature, help="0 is greedy; > 0 samples"
+    )
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k best; 0: all")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -29,12 +48,13 @@ def _add_connection_flags(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("PDSERVE_API_KEY"),
         help="API key of the router (default: $PDSERVE_API_KEY)",
     )
-    p.add_argument("--tls-root-cert", help="PEM file of the CA that signed the router's cert")
+    p.add_argument(
+        "--tls-root-cert",
+        help="PEM file of the CA that signed the router's cert (default: none, plain TCP)",
+    )
 
 
-def _sampling_params(args: argparse.Namespace):
-    from pdserve.api.sampling import SamplingParams
-
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -83,15 +103,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             root_cert=args.tls_root_cert,
         )
     if not args.model:
-        raise SystemExit("generate: give --model DIR or --server HOST:PORT")
+        raise SystemExit("generate: give --model DIR|FILE.gguf or --server HOST:PORT")
     import torch
 
+    from pdserve.cluster.models import hf_folder
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm import LLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = LLM(EngineConfig(model=args.model, dtype=args.dtype, device=args.device))
+    model = hf_folder(args.model)
+    llm = LLM(EngineConfig(model=model, dtype=args.dtype, device=args.device))
     (c,) = llm.generate([args.prompt], params)
     if args.json:
         print(
@@ -110,30 +132,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "local.yaml"
+def _cluster_config(args: argparse.Namespace, log: Callable[[str], None]) -> ClusterConfig:
+    """The config of `serve` and `demo`: the YAML (or the embedded default), the command-line
+    overrides, and a default model when neither names one; a GGUF model is imported first."""
+    import importlib.resources
+
+    from pdserve.cluster.config import load_config
+    from pdserve.cluster.models import default_model, hf_folder
+
+    overrides: dict = {
+        key: getattr(args, key) for key in ("model", "dtype", "device") if getattr(args, key)
+    }
+    for role in ("prefill", "decode"):
+        workers = getattr(args, f"{role}_workers")
+        if workers is not None:
+            overrides[role] = {"workers": workers}
+    if args.config is None:
+        if "model" not in overrides:
+            chosen = default_model()
+            log(f"pdserve: no model given; serving {chosen.about}")
+            overrides["model"] = chosen.path
+        embedded = importlib.resources.files("pdserve.deploy").joinpath("local.yaml")
+        with importlib.resources.as_file(embedded) as path:
+            config = load_config(path, overrides)
+    else:
+        config = load_config(args.config, overrides)
+    return dataclasses.replace(config, model=hf_folder(config.model))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
+    from pdserve.cluster.launcher import serve
 
-    from pdserve.cluster.config import load_config
-    from pdserve.cluster.launcher import serve_forever
-
-    config = load_config(args.config or DEFAULT_CONFIG)
+    config = _cluster_config(args, print)
     if args.listen:
         config = dataclasses.replace(
             config, router=dataclasses.replace(config.router, listen=args.listen)
         )
-    if args.config is None:
-        from pdserve.cluster.demo import ensure_model
-
-        ensure_model(config)
     host = config.router.listen.rpartition(":")[0]
+    print(
+        f"pdserve: starting Ray and {config.prefill.workers} prefill + {config.decode.workers} "
+        f"decode workers on {config.device} (Ctrl-C stops)",
+        flush=True,
+    )
 
     def ready(port: int) -> None:
         print(f"pdserve: serving {config.model} on {host}:{port} (Ctrl-C stops)", flush=True)
 
-    asyncio.run(serve_forever(config, args.address, ready))
+    try:
+        serve(config, args.address, ready)
+    except KeyboardInterrupt:
+        print("pdserve: stopped", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -200,10 +249,16 @@ def cmd_bench_index(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pdserve.cluster.config import load_config
     from pdserve.cluster.demo import run_demo
 
-    return run_demo(load_config(args.config or DEFAULT_CONFIG), args.max_tokens)
+    return run_demo(_cluster_config(args, print), args.max_tokens)
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    from pdserve.cluster.gguf_import import import_gguf
+
+    print(f"wrote {import_gguf(args.file, args.dir)}")
+    return 0
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
@@ -213,13 +268,30 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
+    parser = argparse.ArgumentParser(
+        prog="pdserve", description=__doc__, formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=LOG_LEVELS, type=str.upper, help="log level"
+    )
+    # NOTE: subcommands take --log-level too; SUPPRESS keeps the value given before them.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=LOG_LEVELS,
+        type=str.upper,
+        help="log level (default: WARNING)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-tiny-model", help="write a small random model in HF layout")
-    p.add_argument("dir")
-    p.add_argument("--variant", choices=["llama", "qwen2"], default="llama")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common], formatter_class=_HelpFormatter)
+
+    p = command("make-tiny-model", "write a small random model in HF layout")
+    p.add_argument("dir", help="folder to write")
+    p.add_argument("--variant", choices=["llama", "qwen2"], default="llama", help="model family")
     for flag in (
         "num-layers",
         "hidden-size",
@@ -231,47 +303,57 @@ def build_parser() -> argparse.ArgumentParser:
         "head-dim",
         "seed",
     ):
-        p.add_argument(f"--{flag}", type=int, default=None)
+        p.add_argument(f"--{flag}", type=int, default=None, help="(default: the tiny model's)")
     p.set_defaults(func=cmd_make_tiny_model)
 
-    p = sub.add_parser("generate", help="complete one prompt, in-process or through a server")
-    p.add_argument("prompt")
-    p.add_argument("--model", help="model folder (in-process engine)")
-    p.add_argument("--server", help="HOST:PORT of a running pdserve router")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p = command("import-gguf", "write a Hugging Face model folder from a GGUF file")
+    p.add_argument("file", help="a .gguf file of a Llama or Qwen2 model")
+    p.add_argument("dir", help="folder to write (replaced if present)")
+    p.set_defaults(func=cmd_import_gguf)
+
+    p = command("generate", "complete one prompt, in-process or through a server")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument(
+        "--model",
+        help="model folder or .gguf file, run in-process (default: none, give this or --server)",
+    )
+    p.add_argument(
+        "--server", help="HOST:PORT of a running router (default: none, give this or --model)"
+    )
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights and KV dtype")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where the engine runs")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     _add_connection_flags(p)
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", help="run the router and workers until SIGINT/SIGTERM")
-    p.add_argument("--config", help="cluster YAML (default: deploy/local.yaml)")
+    p = command("serve", "run the router and workers until SIGINT/SIGTERM")
+    _add_cluster_flags(p)
     p.add_argument("--address", help="Ray address to join (default: start Ray locally)")
-    p.add_argument("--listen", help="override router.listen (HOST:PORT)")
+    p.add_argument("--listen", help="HOST:PORT to serve on (default: router.listen)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("status", help="the workers of a running cluster; exit 0 when serving")
-    p.add_argument("--server", required=True, help="HOST:PORT of a running pdserve router")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p = command("status", "the workers of a running cluster; exit 0 when serving")
+    p.add_argument("--server", required=True, help="HOST:PORT of a running router (required)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
     _add_connection_flags(p)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("bench", help="TTFT, time per output token and throughput of a cluster")
-    p.add_argument("--server", help="HOST:PORT of a running pdserve router")
+    p = command("bench", "TTFT, time per output token and throughput of a cluster")
+    p.add_argument("--server", help="HOST:PORT of a running router (default: none)")
     p.add_argument("--rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
     p.add_argument("--num", type=int, default=64, help="number of requests")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
     p.add_argument("--colocated", action="store_true", help="also run one in-process engine")
-    p.add_argument("--model", help="model folder for --colocated")
+    p.add_argument("--model", help="model folder for --colocated (default: none)")
     p.add_argument(
         "--num-blocks", type=int, default=512, help="KV blocks of the --colocated engine"
     )
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype of --colocated")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="device of --colocated")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.add_argument(
         "--workload",
@@ -287,34 +369,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("bench-index", help="time of the router's prompt hashing and index match")
+    p = command("bench-index", "time of the router's prompt hashing and index match")
     from pdserve.router.bench_index import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_bench_index)
 
-    p = sub.add_parser("demo", help="start the local cluster, stream a few requests, stop")
-    p.add_argument("--config", help="cluster YAML (default: deploy/local.yaml)")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p = command("demo", "start the local cluster, stream a few requests, stop")
+    _add_cluster_flags(p)
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench-engine", help="throughput of one in-process engine")
-    p.add_argument("--model", required=True)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p = command("bench-engine", "throughput of one in-process engine")
+    p.add_argument("--model", required=True, help="model folder (required)")
+    p.add_argument("--batch", type=int, default=32, help="prompts in the batch")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and KV dtype")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where the engine runs")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.set_defaults(func=cmd_bench_engine)
     return parser
 
 
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """`serve` and `demo`: a YAML, and flags that win over its keys."""
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="model folder or .gguf file (default: the config's `model`; without --config, "
+        "SmolLM2-135M-Instruct when fetched, else the tiny test model)",
+    )
+    p.add_argument("--config", help="cluster YAML (default: the embedded deploy/local.yaml)")
+    p.add_argument("--prefill-workers", type=int, help="prefill workers (default: the config's)")
+    p.add_argument("--decode-workers", type=int, help="decode workers (default: the config's)")
+    p.add_argument("--dtype", choices=DTYPES, help="weights and KV dtype (default: the config's)")
+    p.add_argument("--device", choices=DEVICES, help="cpu or cuda (default: the config's)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (PdserveError, ValueError, OSError) as e:

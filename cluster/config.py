@@ -1,6 +1,7 @@
 """The cluster's YAML config: dataclasses with documented defaults, validated once at load.
 
-Every key but `model` has a default; an unknown key is an error naming its dotted path.
+Every key but `model` has a default; an unknown key is an error naming its dotted path. File
+paths in a YAML (the model, TLS and API key files) are relative to the YAML's folder.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ import yaml
 from pdserve.router.placement import POLICIES
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("cpu", "cuda")
+# The keys that name files, as (section or None, key).
+PATH_KEYS = (
+    (None, "model"),
+    ("router", "tls_cert"),
+    ("router", "tls_key"),
+    ("router", "api_keys_file"),
+)
 
 
 class ConfigError(ValueError):
@@ -216,7 +225,9 @@ def config_from_dict(values: dict[str, Any]) -> ClusterConfig:
     return _build(ClusterConfig, values, "")
 
 
-def load_config(path: str | Path) -> ClusterConfig:
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ClusterConfig:
+    """Loads a YAML config; its relative file paths are taken from the YAML's folder. Keys in
+    `overrides` (nested like the YAML, paths relative to the current directory) win."""
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
@@ -226,4 +237,24 @@ def load_config(path: str | Path) -> ClusterConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: must hold a mapping")
-    return config_from_dict(values)
+    values = _resolve_paths(values, path.resolve().parent)
+    return config_from_dict(_merge(values, _resolve_paths(overrides or {}, Path.cwd())))
+
+
+def _resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for section, key in PATH_KEYS:
+        holder = out if section is None else out.get(section)
+        if isinstance(holder, dict) and isinstance(holder.get(key), str):
+            holder[key] = str(base / Path(holder[key]).expanduser())
+    return out
+
+
+def _merge(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(values)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,34 +1,31 @@
-"""`pdserve demo`: start the local cluster, stream a few requests through the client, stop."""
+"""`pdserve demo`: start the local cluster, stream a few requests through the client, stop.
+
+Greedy requests and a seeded sampled one: two runs print the same text.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 from pdserve.cluster.config import ClusterConfig
 
 PROMPTS = [
-    ("text", "The history of the city begins", {}),
-    ("chat", [{"role": "user", "content": "Tell me about the river."}], {}),
-    ("sampled", "Once upon a time", {"temperature": 0.8, "top_p": 0.95, "seed": 7}),
+    ("text, greedy", "The capital of France is", {}),
+    ("chat, greedy", [{"role": "user", "content": "What is the capital of Japan?"}], {}),
+    (
+        "chat, sampled with a seed",
+        [{"role": "user", "content": "Write one sentence about the sea."}],
+        {"temperature": 0.7, "top_p": 0.9, "seed": 7},
+    ),
 ]
-
-
-def ensure_model(config: ClusterConfig) -> None:
-    if not Path(config.model, "config.json").exists():
-        from pdserve.cluster.tiny_model import make_tiny_model
-
-        make_tiny_model(config.model)
-        print(f"created the tiny demo model in {config.model}")
 
 
 def run_demo(config: ClusterConfig, max_tokens: int = 32) -> int:
     from pdserve.api.client import Client
     from pdserve.cluster.launcher import BackgroundCluster
 
-    ensure_model(config)
     host = config.router.listen.rpartition(":")[0]
     config = dataclasses.replace(
         config, router=dataclasses.replace(config.router, listen=f"{host}:0")

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pdserve.api.naming import NAMESPACE, actor_name
-from pdserve.cluster.config import ClusterConfig, read_api_keys
+from pdserve.cluster.config import ClusterConfig, ConfigError, read_api_keys
+from pdserve.cluster.preflight import (
+    check_model,
+    check_resources,
+    local_gpu_count,
+    needed_resources,
+)
 from pdserve.engine.config import EngineConfig, ModelConfig
 
 if TYPE_CHECKING:
@@ -26,8 +32,10 @@ T = TypeVar("T")
 
 
 def start_ray(config: ClusterConfig, address: str | None) -> None:
-    """Joins the cluster at `address`, or starts a local Ray instance on loopback that has
-    the `prefill` and `decode` resources the config's workers ask for."""
+    """Checks the model, then joins the cluster at `address`, or starts a local Ray instance on
+    loopback that has the `prefill` and `decode` resources the config's workers ask for. Either
+    way, a config whose workers could never be placed is refused with one line."""
+    check_model(config.model)
     # NOTE: must be set before `import ray`, or Ray listens on every interface (PLATFORM.md).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -36,14 +44,18 @@ def start_ray(config: ClusterConfig, address: str | None) -> None:
         return
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+        try:
+            check_resources(config, ray.cluster_resources(), f"the Ray cluster at {address}")
+        except ConfigError:
+            ray.shutdown()
+            raise
         return
+    resources = needed_resources(config)
+    check_resources(config, {**resources, "GPU": local_gpu_count()}, "this machine")
     ray.init(
         namespace=NAMESPACE,
         include_dashboard=False,
-        resources={
-            "prefill": config.prefill.workers * config.prefill.tp,
-            "decode": config.decode.workers * config.decode.tp,
-        },
+        resources={"prefill": resources["prefill"], "decode": resources["decode"]},
         log_to_driver=True,
     )
 
@@ -108,15 +120,30 @@ def launch_workers(config: ClusterConfig) -> Workers:
             .remote(wid, _engine_config(config, "prefill"), timeout, threads)
         )
     try:
-        workers.max_model_len = min(ray.get([h.start.remote() for h in workers.all().values()]))
+        workers.max_model_len = min(
+            _get_interruptibly([h.start.remote() for h in workers.all().values()])
+        )
         # Channels open in the background; the first requests need not wait for them.
         for handle in workers.prefill.values():
             handle.connect.remote(list(workers.decode))
-    except Exception:
+    except BaseException:  # KeyboardInterrupt too: Ctrl-C while models load
         stop_workers(workers)
         raise
     logger.info("workers ready: %s", ", ".join(workers.all()))
     return workers
+
+
+def _get_interruptibly(refs: list[Any]) -> list[Any]:
+    """`ray.get` that Ctrl-C can stop.
+
+    NOTE: a plain `ray.get` waits inside Ray's C++ core, where Python never runs a signal
+    handler: SIGINT was ignored until every worker had loaded its model."""
+    import ray
+
+    pending = refs
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+    return ray.get(refs)
 
 
 def stop_workers(workers: Workers) -> None:
@@ -208,28 +235,53 @@ class BackgroundCluster:
         self.stop()
 
 
-async def serve_forever(
+def serve(
     config: ClusterConfig, address: str | None, on_ready: Callable[[int], None] | None = None
 ) -> None:
-    """The `pdserve serve` main loop: runs until SIGINT or SIGTERM, then stops the router
-    and every worker it started."""
+    """The `pdserve serve` main loop: runs until SIGINT or SIGTERM, then stops the router and
+    every worker it started.
+
+    NOTE: Ray and the workers start outside asyncio: `asyncio.run` turns the first Ctrl-C into
+    a task cancellation, which start-up would not see until every worker loaded. Here SIGINT
+    and SIGTERM raise KeyboardInterrupt wherever start-up is; during `ray.init` they are only
+    noted and raised once it returns (an exception inside it crashed the process: SIGSEGV).
+    """
     import signal
 
     import ray
 
-    start_ray(config, address)
-    workers = launch_workers(config)
+    noted = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: noted.append(signum))
     try:
-        router, port = await start_router(config, workers)
-        if on_ready is not None:
-            on_ready(port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await router.stop(5.0)
+        start_ray(config, address)
     finally:
-        stop_workers(workers)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler)
+    try:
+        if noted:
+            raise KeyboardInterrupt
+        workers = launch_workers(config)
+        try:
+            asyncio.run(_serve_router(config, workers, on_ready))
+        finally:
+            stop_workers(workers)
+    finally:
         if not address:
             ray.shutdown()
+
+
+async def _serve_router(
+    config: ClusterConfig, workers: Workers, on_ready: Callable[[int], None] | None
+) -> None:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    router, port = await start_router(config, workers)
+    if on_ready is not None:
+        on_ready(port)
+    await stop.wait()
+    await router.stop(5.0)

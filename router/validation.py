@@ -7,6 +7,7 @@ little.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -82,6 +83,7 @@ def validate(
             f"the prompt has {len(ids) + len(output)} tokens; the model's context holds "
             f"{max_model_len}, including at least one generated token",
         )
+    params = _fit_context(request, params, len(ids), max_model_len)
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
     return ValidRequest(tuple(ids), params, skip, output)
 
@@ -100,6 +102,23 @@ def _input_ids(
         _check_token_ids("token_ids.ids", ids, vocab_size)
         return ids
     return chat_token_ids(request.chat, tokenizer)
+
+
+def _fit_context(
+    request: pb.GenerateRequest, params: SamplingParams, prompt_len: int, max_model_len: int
+) -> SamplingParams:
+    """An unset max_tokens, or any with `clamp_max_tokens`, shrinks to what the context leaves;
+    a max_tokens the client set that does not fit is refused, naming both numbers."""
+    room = max_model_len - prompt_len
+    if params.max_tokens <= room:
+        return params
+    if request.clamp_max_tokens or not request.sampling.HasField("max_tokens"):
+        return dataclasses.replace(params, max_tokens=room)
+    raise InvalidRequest(
+        "sampling.max_tokens",
+        f"{prompt_len} prompt tokens + max_tokens {params.max_tokens} exceed the model's context "
+        f"of {max_model_len} tokens; ask for at most {room}, or set clamp_max_tokens",
+    )
 
 
 def reject_unknown_fields(message: Message, path: str = "") -> None:

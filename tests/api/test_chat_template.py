@@ -117,6 +117,10 @@ def test_llama_chat_ids_hold_exactly_one_bos(tiny_llama_dir):
         ([{"role": "user", "content": None}], "messages[0].content"),
         ([{"role": 3, "content": "a"}], "messages[0].role"),
         ([{"role": "", "content": "a"}], "messages[0].role"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "narrator", "content": "b"}],
+            "messages[1].role",
+        ),
         ([{"role": "user", "content": "a", "name": "x"}], "messages[0].name"),
         ([{"role": "user", "content": ["a"]}], "messages[0].content"),
     ],

@@ -32,3 +32,8 @@ def test_bad_sampling_field_is_named(values, field):
 def test_round_trip_through_a_dict_keeps_every_field():
     params = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, stop=("x",), seed=9)
     assert SamplingParams.from_dict(params.to_dict()) == params
+
+
+def test_defaults_are_greedy():
+    assert SamplingParams().greedy
+    assert SamplingParams(temperature=0.7).greedy is False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib.resources
 
 import pytest
 
@@ -13,8 +13,6 @@ from pdserve.cluster.config import (
     load_config,
     read_api_keys,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_only_model_is_required_and_everything_else_has_a_default():
@@ -30,9 +28,35 @@ def test_only_model_is_required_and_everything_else_has_a_default():
         config_from_dict({})
 
 
-def test_the_embedded_local_config_loads(tmp_path):
-    config = load_config(ROOT / "deploy" / "local.yaml")
+def test_the_embedded_local_config_is_package_data_and_names_no_model():
+    embedded = importlib.resources.files("pdserve.deploy").joinpath("local.yaml")
+    with importlib.resources.as_file(embedded) as path:
+        with pytest.raises(ConfigError, match="^model: required"):
+            load_config(path)
+        config = load_config(path, {"model": "/m"})
     assert config.device == "cpu" and config.kv_cache.num_blocks == 512
+
+
+def test_file_paths_in_a_yaml_start_at_its_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "keys").write_text("key-one\n")
+    (folder / "cluster.yaml").write_text("model: models/m\nrouter:\n  api_keys_file: keys\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(folder / "cluster.yaml")
+    assert config.model == str(folder / "models" / "m")
+    assert config.router.api_keys_file == str(folder / "keys")
+
+
+def test_overrides_win_over_yaml_keys_and_start_at_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "cluster.yaml").write_text("model: m\ndtype: float32\nprefill:\n  tp: 1\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(
+        tmp_path / "cluster.yaml",
+        {"model": "other", "dtype": "bfloat16", "prefill": {"workers": 3}},
+    )
+    assert (config.model, config.dtype) == (str(tmp_path / "other"), "bfloat16")
+    assert (config.prefill.workers, config.prefill.tp) == (3, 1)
 
 
 @pytest.mark.parametrize(

@@ -99,9 +99,9 @@ def _long_prompt(n: int = 1900) -> list[int]:
 
 
 def test_cancelling_a_queued_request_frees_every_block(cluster, client):
-    running = client.generate(_long_prompt(), max_tokens=200, temperature=0, ignore_eos=True)
+    running = client.generate(_long_prompt(), max_tokens=100, temperature=0, ignore_eos=True)
     _wait_for(cluster, "prefill-0", lambda s: s.running == 1)
-    queued = client.generate(_long_prompt(), max_tokens=200, temperature=0, ignore_eos=True)
+    queued = client.generate(_long_prompt(), max_tokens=100, temperature=0, ignore_eos=True)
     _wait_for(cluster, "prefill-0", lambda s: s.waiting >= 1)
     assert _cancelled(queued) == grpc.StatusCode.CANCELLED
     assert _cancelled(running) == grpc.StatusCode.CANCELLED
@@ -109,7 +109,7 @@ def test_cancelling_a_queued_request_frees_every_block(cluster, client):
 
 
 def test_cancelling_mid_transfer_frees_every_block(cluster, client):
-    stream = client.generate(_long_prompt(), max_tokens=200, temperature=0, ignore_eos=True)
+    stream = client.generate(_long_prompt(), max_tokens=100, temperature=0, ignore_eos=True)
     # a reservation on the decode worker while the prefill worker still computes chunks
     _wait_for(cluster, "decode-0", lambda s: s.waiting == 1)
     assert _cancelled(stream) == grpc.StatusCode.CANCELLED

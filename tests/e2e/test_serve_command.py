@@ -100,3 +100,30 @@ def test_serve_runs_torch_free_answers_the_cli_and_stops_on_sigterm(tiny_llama_d
         [*CLI, "status", "--server", target], capture_output=True, env=env, timeout=60
     )
     assert down.returncode != 0
+
+
+def test_ctrl_c_while_workers_load_stops_serve_at_once(tiny_llama_dir, tmp_path):
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_llama_dir)}))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--config", str(config), "--prefill-workers", "3", "--decode-workers", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        while "starting Ray" not in (line := proc.stdout.readline()):
+            assert line, "serve ended before starting Ray"
+        time.sleep(4)  # Ray is up; six workers are still importing torch on two cores
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        assert proc.wait(timeout=30) == 130
+        assert time.monotonic() - stopped < 15
+        assert "serving" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

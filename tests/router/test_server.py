@@ -51,6 +51,11 @@ BAD_REQUESTS = {
     "too many logprobs": (sampling(logprobs=21), "logprobs"),
     "no chat messages": (pb.GenerateRequest(chat=pb.Chat()), "chat.messages"),
     "chat role missing": (build_request([{"role": "", "content": "hi"}]), "chat.messages[0].role"),
+    "unknown chat role": (
+        build_request([{"role": "narrator", "content": "hi"}]),
+        "chat.messages[0].role",
+    ),
+    "max_tokens past the context": (sampling(max_tokens=10_000), "sampling.max_tokens"),
     "continue a user message": (
         build_request([{"role": "user", "content": "hi"}], continue_final_message=True),
         "chat.messages[0].role",

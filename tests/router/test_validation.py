@@ -53,6 +53,27 @@ def test_zero_values_are_kept_apart_from_unset_ones(tokenizer):
     assert check(build_request("hi"), tokenizer).params.logprobs is None
 
 
+def test_max_tokens_past_the_context_is_refused_naming_both_numbers(tokenizer):
+    prompt = check(build_request("hi"), tokenizer).prompt_token_ids
+    with pytest.raises(InvalidRequest) as e:
+        check(build_request("hi", max_tokens=CONTEXT), tokenizer)
+    assert e.value.field == "sampling.max_tokens"
+    assert f"{len(prompt)} prompt tokens + max_tokens {CONTEXT}" in str(e.value)
+    assert f"context of {CONTEXT} tokens" in str(e.value)
+
+
+def test_clamp_max_tokens_generates_what_the_context_leaves(tokenizer):
+    request = build_request("hi", max_tokens=10 * CONTEXT, clamp_max_tokens=True)
+    valid = check(request, tokenizer)
+    assert valid.params.max_tokens == CONTEXT - len(valid.prompt_token_ids)
+
+
+def test_unset_max_tokens_shrinks_to_fit_a_long_prompt(tokenizer):
+    ids = list(range(3, 3 + CONTEXT - 4))
+    assert check(build_request(ids), tokenizer).params.max_tokens == 4
+    assert check(build_request([3, 4]), tokenizer).params.max_tokens == SamplingParams().max_tokens
+
+
 def test_text_is_encoded_with_the_models_special_tokens(tokenizer):
     valid = check(build_request("hello world"), tokenizer)
     assert list(valid.prompt_token_ids) == tokenizer.encode("hello world")
