@@ -230,3 +230,20 @@ def test_the_index_agrees_with_every_worker_after_evictions(affinity_cluster, cl
     decoded = router.index.blocks_of("decode-0") | router.index.blocks_of("decode-1")
     firsts = [block_hashes(_tokens(380, 200 + i), BS, salt)[0] for i in range(12)]
     assert any(h not in decoded for h in firsts)
+
+
+def test_a_request_is_validated_once(affinity_cluster, client, monkeypatch):
+    """The router validates; workers only check cheap invariants (no second validation)."""
+    from pdserve.router import router as router_module
+
+    calls = []
+    real = router_module.validate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(router_module, "validate", counting)
+    client.complete(_tokens(300, 400), max_tokens=3, temperature=0)  # via the prefill worker
+    client.complete(_tokens(20, 401), max_tokens=3, temperature=0)  # decode prefills it
+    assert len(calls) == 2

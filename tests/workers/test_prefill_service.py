@@ -4,6 +4,7 @@ gloo channel; aborts and failures at awkward moments free every block on both si
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from types import SimpleNamespace
 
 import torch
@@ -98,6 +99,43 @@ def test_a_full_decode_pool_refuses_and_the_started_prompt_is_dropped(tiny_llama
         result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
         assert not result.ok and result.error_code == "RESOURCE_EXHAUSTED"
         decode.engine.abort("other")
+        assert _idle(prefill, decode)
+
+    asyncio.run(scenario())
+
+
+def test_decode_max_num_seqs_bounds_transferred_requests(tiny_llama_dir):
+    """Five transfers land on a decode worker that runs two sequences at a time: the other
+    three wait with their KV (counted by the scheduler) until a slot frees."""
+    expected = generate(make_engine(tiny_llama_dir), [PROMPT], PARAMS)[0]
+
+    async def scenario():
+        config = EngineConfig(model=str(tiny_llama_dir), num_blocks=64, max_num_seqs=2)
+        decode = DecodeService("decode-0", config, "127.0.0.1", 5.0)
+        prefill = PrefillService(
+            "prefill-0",
+            dataclasses.replace(config, max_num_seqs=8),
+            5.0,
+            lambda _: LocalHandle(decode),
+        )
+        await decode.start()
+        await prefill.start()
+        stream, outputs, most = decode.stream(), {}, 0
+        results = await asyncio.gather(
+            *(
+                prefill.prefill(PrefillRequest(f"r{i}", PROMPT, PARAMS, "decode-0"))
+                for i in range(5)
+            )
+        )
+        assert all(r.ok for r in results)
+        while len([o for o in outputs.values() if o[1]]) < 5:
+            most = max(most, decode.engine.stats().running)
+            batch = await asyncio.wait_for(anext(stream), 30)
+            for d in batch.deltas:
+                tokens, done = outputs.get(d.attempt_id, ([], False))
+                outputs[d.attempt_id] = (tokens + list(d.token_ids), bool(d.finish_reason))
+        assert most == 2
+        assert all(tokens == expected for tokens, _ in outputs.values())
         assert _idle(prefill, decode)
 
     asyncio.run(scenario())
