@@ -81,6 +81,7 @@ class ClusterConfig:
     device: str = "cpu"
     block_size: int = 16
     threads_per_worker: int = 1
+    prefix_caching: bool = True  # reuse cached prompt blocks on every worker
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     prefill: PrefillConfig = field(default_factory=PrefillConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)

@@ -83,6 +83,7 @@ def _engine_config(config: ClusterConfig, role: str) -> EngineConfig:
         max_num_batched_tokens=(
             config.prefill.token_budget if prefill else config.decode.token_budget
         ),
+        enable_prefix_cache=config.prefix_caching,
     )
 
 

@@ -15,6 +15,18 @@ from pdserve.cluster.config import (
 )
 
 
+def test_prefix_caching_is_on_by_default_and_reaches_every_worker_engine():
+    from pdserve.cluster.launcher import _engine_config
+
+    on, off = (
+        config_from_dict({"model": "m"}),
+        config_from_dict({"model": "m", "prefix_caching": False}),
+    )
+    for role in ("prefill", "decode"):
+        assert _engine_config(on, role).enable_prefix_cache
+        assert not _engine_config(off, role).enable_prefix_cache
+
+
 def test_only_model_is_required_and_everything_else_has_a_default():
     config = config_from_dict({"model": "m"})
     assert config == ClusterConfig(model="m")
@@ -77,6 +89,7 @@ def test_overrides_win_over_yaml_keys_and_start_at_the_current_folder(tmp_path, 
         ({"dtype": "float8"}, "dtype"),
         ({"prefill": 3}, "prefill"),
         ({"threads_per_worker": True}, "threads_per_worker"),
+        ({"prefix_caching": "yes"}, "prefix_caching"),
     ],
 )
 def test_bad_key_or_value_is_named(values, key):

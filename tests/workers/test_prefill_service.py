@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from types import SimpleNamespace
 
 import torch
 from engine_helpers import generate, make_engine
 
-from pdserve.api.messages import PrefillRequest
+from pdserve.api.messages import ChannelAddress, PrefillRequest
 from pdserve.api.sampling import SamplingParams
 from pdserve.decode_worker.service import DecodeService
 from pdserve.engine.config import EngineConfig
@@ -136,6 +137,34 @@ def test_decode_max_num_seqs_bounds_transferred_requests(tiny_llama_dir):
                 outputs[d.attempt_id] = (tokens + list(d.token_ids), bool(d.finish_reason))
         assert most == 2
         assert all(tokens == expected for tokens, _ in outputs.values())
+        assert _idle(prefill, decode)
+
+    asyncio.run(scenario())
+
+
+class _UnreachableDecode(DecodeService):
+    """A decode worker whose channel address nobody serves (its store died)."""
+
+    async def open_channel(self, prefill_id: str) -> ChannelAddress:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return ChannelAddress("127.0.0.1", port, 1)
+
+
+def test_no_channel_is_reported_and_the_decode_worker_prefills_the_request(tiny_llama_dir):
+    expected = generate(make_engine(tiny_llama_dir), [PROMPT], PARAMS)[0]
+
+    async def scenario():
+        config = EngineConfig(model=str(tiny_llama_dir), num_blocks=64)
+        decode = _UnreachableDecode("decode-0", config, "127.0.0.1", 1.0)
+        prefill = PrefillService("prefill-0", config, 1.0, lambda _: LocalHandle(decode))
+        await decode.start()
+        await prefill.start()
+        result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
+        assert result.ok
+        assert await _tokens(decode, "r") == expected
+        assert decode.engine.stats().prompt_tokens_computed == len(PROMPT)
         assert _idle(prefill, decode)
 
     asyncio.run(scenario())
