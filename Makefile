@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# On a machine without an NVIDIA GPU, install the CPU build of torch (constraints-cpu.txt) from
-# PyTorch's CPU wheel index first; PyPI's Linux torch wheel is the CUDA build.
+# On a machine without an NVIDIA GPU, install the CPU build of torch (constraints-cpu.txt) first:
+# from the configured indexes when they have it (a local mirror), else from PyTorch's CPU wheel
+# index (PyPI's Linux torch wheel is the CUDA build).
 CPU_ONLY := $(if $(shell command -v nvidia-smi 2>/dev/null),,1)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 CONSTRAINTS := $(if $(CPU_ONLY),-c constraints-cpu.txt)
@@ -18,8 +19,8 @@ export TOKENIZERS_PARALLELISM := false
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(if $(CPU_ONLY),$(BIN)/pip install -q --retries 1 --extra-index-url $(TORCH_CPU_INDEX) \
-		$(CONSTRAINTS) torch)
+	$(if $(CPU_ONLY),$(BIN)/pip install -q $(CONSTRAINTS) torch 2>/dev/null || \
+		$(BIN)/pip install -q --extra-index-url $(TORCH_CPU_INDEX) $(CONSTRAINTS) torch)
 	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[test]'
 	touch $@
 

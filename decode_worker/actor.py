@@ -62,7 +62,7 @@ class DecodeWorker:
         return await self._svc.status()
 
     async def kv_snapshot(self) -> bytes:
-        return self._svc.kv_snapshot()
+        return await self._svc.kv_snapshot()
 
     async def kv_events(self) -> AsyncIterator[bytes]:
         async for batch in self._svc.kv_events():

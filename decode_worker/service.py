@@ -1,8 +1,9 @@
 """The decode worker: receives KV from prefill workers, decodes continuously, streams tokens.
 
-Everything that touches the engine runs on the actor's event loop between steps, so a
-reservation or an abort is answered while the step loop runs without locking the engine. KV
-arrives through `KVReceiver` into blocks the engine reserved (and counts as used). This worker
+The engine, and all request state, live on an `EngineThread`: RPCs hand it their work, which
+runs between steps, so the actor's event loop stays free to take the next call at once and
+nothing needs a lock. KV arrives through `KVReceiver` into blocks the engine reserved (and
+counts as used). This worker
 alone decides when a request falls back to local prefill: when its transfer fails, goes silent
 or arrives incomplete, or when another part reports that it could not deliver the KV.
 """
@@ -26,6 +27,7 @@ from pdserve.api.messages import (
     WorkerStatus,
 )
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine_thread import EngineThread
 from pdserve.engine.event_publisher import EventPublisher
 from pdserve.engine.kv_transfer.messages import TransferDone
 from pdserve.engine.kv_transfer.receiver import Incoming, KVReceiver
@@ -53,35 +55,72 @@ class DecodeService:
     ) -> None:
         self.worker_id = worker_id
         self.engine = LLMEngine(config)
+        self._core = EngineThread(f"engine-{worker_id}", self._step)
         self._receiver = KVReceiver(
             host,
             self.engine.kv_cache,
             config.block_size,
             transfer_timeout_s,
+            post=self._core.post,
             on_done=self._admit,
             on_cancel=self._release,
             on_failed=self._fall_back,
         )
         self._events = EventPublisher(worker_id, self.engine)
-        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: asyncio.Queue[StepOutputs] = asyncio.Queue()
         self._outbox: list[TokenDelta] = []
         self._requests: dict[str, _RequestInfo] = {}
         self.num_fallbacks = 0
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._receiver.start(loop)
-        loop.create_task(self._step_loop())
+        self._loop = asyncio.get_running_loop()
+        self._events.attach(self._loop)
+        self._core.start()
 
-    # --- the RPC surface --------------------------------------------------------------------
+    # --- the RPC surface (on the event loop; the work runs on the engine thread) ------------
 
     async def open_channel(self, prefill_id: str) -> ChannelAddress:
-        return self._receiver.open_channel(prefill_id)
+        return await self._core.call(self._receiver.open_channel, prefill_id)
 
     async def reserve(self, req: PrefillRequest, prefill_id: str, epoch: int) -> ReserveReply:
         """Holds blocks for a request's KV; the reply says how many leading tokens this worker
         holds already (only the rest is sent)."""
+        return await self._core.call(self._reserve, req, prefill_id, epoch)
+
+    async def prefill_locally(self, req: PrefillRequest) -> bool:
+        """Prefills a request here: the router's choice for a short uncached tail, or a report
+        that its KV cannot come (a dead prefill worker, no channel). A request with a
+        reservation falls back; one already being computed or decoded is left as it is."""
+        return await self._core.call(self._prefill_locally, req)
+
+    async def abort(self, attempt_id: str) -> bool:
+        return await self._core.call(self._abort, attempt_id)
+
+    async def kv_snapshot(self) -> bytes:
+        return await self._core.call(self._events.snapshot)
+
+    def kv_events(self) -> AsyncIterator[bytes]:
+        return self._events.stream()
+
+    async def status(self) -> WorkerStatus:
+        return await self._core.call(self._status)
+
+    async def stream(self) -> AsyncIterator[StepOutputs]:
+        """Yields the outputs of every step; when the consumer lags, the steps that piled up
+        go out as one message, so a slow link costs throughput of messages, not latency."""
+        while True:
+            batch = [await self._stream.get()]
+            while not self._stream.empty():
+                batch.append(self._stream.get_nowait())
+            if len(batch) == 1:
+                yield batch[0]
+            else:
+                yield StepOutputs(self.worker_id, tuple(d for b in batch for d in b.deltas))
+
+    # --- requests (on the engine thread) ----------------------------------------------------
+
+    def _reserve(self, req: PrefillRequest, prefill_id: str, epoch: int) -> ReserveReply:
         if not self._receiver.channel_ok(prefill_id, epoch):
             return ReserveReply(stale_channel=True)
         aid = req.attempt_id
@@ -98,10 +137,7 @@ class DecodeService:
         self._requests[aid] = _RequestInfo(len(req.prompt_token_ids), prefilled_by=prefill_id)
         return ReserveReply(transfer_id=inc.transfer_id, cached_tokens=cached)
 
-    async def prefill_locally(self, req: PrefillRequest) -> bool:
-        """Prefills a request here: the router's choice for a short uncached tail, or a report
-        that its KV cannot come (a dead prefill worker, no channel). A request with a
-        reservation falls back; one already being computed or decoded is left as it is."""
+    def _prefill_locally(self, req: PrefillRequest) -> bool:
         aid = req.attempt_id
         inc = self._receiver.get(aid)
         if inc is not None:
@@ -111,24 +147,16 @@ class DecodeService:
             return True
         self.engine.add_request(aid, req.prompt_token_ids, req.params, req.output_token_ids)
         self._requests[aid] = _RequestInfo(len(req.prompt_token_ids))
-        self._wake.set()
         return True
 
-    async def abort(self, attempt_id: str) -> bool:
+    def _abort(self, attempt_id: str) -> bool:
         inc = self._receiver.get(attempt_id)
         if inc is not None:
             self._receiver.close(inc)
         self._requests.pop(attempt_id, None)
-        self._wake.set()
         return self.engine.abort(attempt_id)
 
-    def kv_snapshot(self) -> bytes:
-        return self._events.snapshot()
-
-    def kv_events(self) -> AsyncIterator[bytes]:
-        return self._events.stream()
-
-    # --- transfers ending (on the event loop) -----------------------------------------------
+    # --- transfers ending (posted by the receiver) ------------------------------------------
 
     def _admit(self, inc: Incoming, msg: TransferDone) -> None:
         """The transfer is complete: the request queues for the running batch with its first
@@ -150,7 +178,6 @@ class DecodeService:
         if self._receiver.close(inc):
             self._requests.pop(inc.attempt_id, None)
             self.engine.abort(inc.attempt_id)
-            self._wake.set()
 
     def _fall_back(self, inc: Incoming, reason: str) -> None:
         if self._receiver.close(inc):
@@ -163,15 +190,13 @@ class DecodeService:
         )
         self._requests[inc.attempt_id].prefilled_by = ""
         self.engine.fall_back(inc.attempt_id)
-        self._wake.set()
 
     def _fail(self, attempt_ids: list[str], error: str) -> None:
         for aid in attempt_ids:
             self._requests.pop(aid, None)
             self._outbox.append(TokenDelta(aid, (), finish_reason="error", error=error))
-        self._wake.set()
 
-    # --- the step loop and the token stream -------------------------------------------------
+    # --- the step and the token stream (on the engine thread) -------------------------------
 
     def _emit(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
@@ -201,53 +226,35 @@ class DecodeService:
                     prefilled_by=prefilled_by,
                 )
             )
-        self._wake.set()
 
     def _flush(self) -> None:
-        """Hands the deltas and KV events so far to their streams. NOTE: called right after a
-        step, before the loop yields: a flush at the top of the next iteration would hold a
-        step's tokens back for the whole next step (5-20 ms of TTFT)."""
+        """Hands the deltas and KV events so far to their streams, right after a step."""
         if self._outbox:
-            self._stream.put_nowait(StepOutputs(self.worker_id, tuple(self._outbox)))
+            outputs = StepOutputs(self.worker_id, tuple(self._outbox))
             self._outbox = []
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._stream.put_nowait, outputs)
         self._events.publish()
 
-    async def _step_loop(self) -> None:
-        while True:
+    def _step(self) -> bool:
+        """One engine step if there is work. False when idle, or when waiting requests need
+        blocks that transfers in flight hold: the thread then sleeps until an admission,
+        release, fallback or RPC hands it work."""
+        if not self.engine.has_unfinished():
             self._flush()
-            if not self.engine.has_unfinished():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # the loop must outlive a bad step, or every request hangs
-                logger.exception("decode step failed; ending the requests in it")
-                self._fail(self.engine.abort_all(), f"decode step failed: {e}")
-                continue
-            self._emit(outputs)
+            return False
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # the loop must outlive a bad step, or every request hangs
+            logger.exception("decode step failed; ending the requests in it")
+            self._fail(self.engine.abort_all(), f"decode step failed: {e}")
             self._flush()
-            if not outputs and not self.engine.stats().running:
-                # Waiting requests need blocks that transfers in flight hold; an admission,
-                # release or fallback wakes the loop.
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await asyncio.sleep(0)
+            return True
+        self._emit(outputs)
+        self._flush()
+        return bool(outputs) or self.engine.stats().running > 0
 
-    async def stream(self) -> AsyncIterator[StepOutputs]:
-        """Yields the outputs of every step; when the consumer lags, the steps that piled up
-        go out as one message, so a slow link costs throughput of messages, not latency."""
-        while True:
-            batch = [await self._stream.get()]
-            while not self._stream.empty():
-                batch.append(self._stream.get_nowait())
-            if len(batch) == 1:
-                yield batch[0]
-            else:
-                yield StepOutputs(self.worker_id, tuple(d for b in batch for d in b.deltas))
-
-    async def status(self) -> WorkerStatus:
+    def _status(self) -> WorkerStatus:
         s = self.engine.stats()
         return WorkerStatus(
             worker_id=self.worker_id,

@@ -4,6 +4,9 @@ Both worker kinds run one. Batches are numbered 1, 2, ... within an epoch that i
 the worker process starts, so the router can tell a gap (it missed batches) or a restart (new
 epoch) and ask for a snapshot instead. If nobody consumes the batches, the oldest are dropped:
 the consumer then sees a gap and resynchronises, which is cheaper than unbounded memory.
+
+`publish` and `snapshot` run where the engine runs (its own thread on a decode worker);
+`stream` runs on the event loop given to `attach`.
 """
 
 from __future__ import annotations
@@ -35,8 +38,12 @@ class EventPublisher:
         self._seq = 0
         self._queue: deque[bytes] = deque(maxlen=MAX_QUEUED_BATCHES)
         self._ready = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._last_load: WorkerLoad | None = None
         self._last_sent = 0.0
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
 
     def publish(self) -> None:
         """Sends the events since the last call, or the load alone when it changed and the
@@ -46,11 +53,8 @@ class EventPublisher:
         now = time.monotonic()
         if not events and (load == self._last_load or now - self._last_sent < LOAD_INTERVAL_S):
             return
-        self._seq += 1
-        batch = KVEventBatch(self.worker_id, self.epoch, self._seq, events, load)
-        self._queue.append(encode_batch(batch))
+        self._append(events, load)
         self._last_load, self._last_sent = load, now
-        self._ready.set()
 
     def snapshot(self) -> bytes:
         """Everything cached now, as of the batch just published (pending events go first, so
@@ -58,13 +62,17 @@ class EventPublisher:
         events = tuple(self._engine.drain_kv_events())
         load = self._load()
         if events:
-            self._seq += 1
-            self._queue.append(
-                encode_batch(KVEventBatch(self.worker_id, self.epoch, self._seq, events, load))
-            )
-            self._ready.set()
+            self._append(events, load)
         blocks = tuple(self._engine.cached_blocks())
         return encode_snapshot(KVSnapshot(self.worker_id, self.epoch, self._seq, blocks, load))
+
+    def _append(self, events: tuple, load: WorkerLoad) -> None:
+        self._seq += 1
+        self._queue.append(
+            encode_batch(KVEventBatch(self.worker_id, self.epoch, self._seq, events, load))
+        )
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._ready.set)
 
     async def stream(self) -> AsyncIterator[bytes]:
         while True:

@@ -51,7 +51,9 @@ class PrefillService:
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
-        asyncio.get_running_loop().create_task(self._step_loop())
+        loop = asyncio.get_running_loop()
+        self._events.attach(loop)
+        loop.create_task(self._step_loop())
 
     async def connect(self, decode_ids: list[str]) -> None:
         """Opens channels to decode workers ahead of their first request, so the channel set-up

@@ -83,7 +83,7 @@ def validate(
             f"the prompt has {len(ids) + len(output)} tokens; the model's context holds "
             f"{max_model_len}, including at least one generated token",
         )
-    params = _fit_context(request, params, len(ids), max_model_len)
+    params = _fit_context(request, params, len(ids) + len(output), max_model_len)
     skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
     return ValidRequest(tuple(ids), params, skip, output)
 

@@ -3,13 +3,12 @@
 One receiver thread per channel writes each arriving chunk into the blocks the engine reserved
 for its request, under the transfer's lock, so a close that gives those blocks back can never
 race with a late write. Everything else (a transfer completing, cancelled, or failing) is
-handed to the owner's event loop through the callbacks; the receiver decides nothing about
-the request itself.
+handed to the owner's thread through `post` and the callbacks; the receiver decides nothing
+about the request itself.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import threading
@@ -64,8 +63,9 @@ class _Channel:
 
 
 class KVReceiver:
-    """`on_done(incoming, msg)`, `on_cancel(incoming)` and `on_failed(incoming, reason)` run on
-    the event loop passed to `start`."""
+    """Apart from the receiver threads, every method runs on the owner's thread (the decode
+    worker's engine thread). `post(fn, *args)` runs `fn` there; through it run the callbacks
+    `on_done(incoming, msg)`, `on_cancel(incoming)` and `on_failed(incoming, reason)`."""
 
     def __init__(
         self,
@@ -73,6 +73,7 @@ class KVReceiver:
         kv_cache: torch.Tensor,
         block_size: int,
         timeout_s: float,
+        post: Callable[..., None],
         on_done: Callable[[Incoming, TransferDone], None],
         on_cancel: Callable[[Incoming], None],
         on_failed: Callable[[Incoming, str], None],
@@ -81,8 +82,8 @@ class KVReceiver:
         self._kv_cache = kv_cache
         self._block_size = block_size
         self._timeout_s = timeout_s
+        self._post = post
         self._on_done, self._on_cancel, self._on_failed = on_done, on_cancel, on_failed
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: dict[str, _Channel] = {}
         self._by_attempt: dict[str, Incoming] = {}
         self._by_transfer: dict[int, Incoming] = {}
@@ -90,9 +91,6 @@ class KVReceiver:
         self._epochs = itertools.count(1)
         self._closed_bytes = 0
         self.blocks_received = 0
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
 
     @property
     def bytes_received(self) -> int:
@@ -172,7 +170,7 @@ class KVReceiver:
                 self._handle(chan, chan.kv.recv())
         except Exception as e:  # any failure ends this channel; its transfers fail
             logger.warning("KV channel from %s failed: %s", chan.prefill_id, e)
-            self._call_soon(self._close_channel, chan, str(e))
+            self._post(self._close_channel, chan, str(e))
 
     def _handle(self, chan: _Channel, msg) -> None:
         """Runs on the receiver thread."""
@@ -190,9 +188,9 @@ class KVReceiver:
         if inc is None:
             return
         if isinstance(msg, TransferDone):
-            self._call_soon(self._on_done, inc, msg)
+            self._post(self._on_done, inc, msg)
         elif isinstance(msg, TransferCancel):
-            self._call_soon(self._on_cancel, inc)
+            self._post(self._on_cancel, inc)
 
     def _write(self, inc: Incoming, chunk: KVChunk) -> None:
         n = chunk.payload.shape[0]
@@ -214,10 +212,6 @@ class KVReceiver:
                 self.blocks_received += _blocks(end, self._block_size) - _blocks(
                     chunk.token_start, self._block_size
                 )
-
-    def _call_soon(self, fn, *args) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fn, *args)
 
     def _close_channel(self, chan: _Channel, reason: str) -> None:
         """Every transfer still expected on the channel fails."""

@@ -38,19 +38,25 @@ async def _next_deltas(svc: DecodeService, timeout: float = 30.0):
                 return d.attempt_id, deltas
 
 
+def _corrupt(svc: DecodeService, token_id: int) -> None:
+    svc.engine._scheduler.waiting[0].token_ids[1] = token_id
+
+
 def test_a_failed_step_ends_its_requests_with_an_error_and_the_loop_serves_on(tiny_llama_dir):
     async def scenario():
         svc = DecodeService(
             "decode-t", EngineConfig(model=str(tiny_llama_dir), num_blocks=32), "127.0.0.1", 5.0
         )
         await svc.start()
-        await svc.prefill_locally(PrefillRequest("bad", (5, 6, 7, 8), PARAMS, "decode-t"))
-        svc.engine._scheduler.waiting[0].token_ids[1] = 10**6  # corrupt: the forward raises
+        bad = PrefillRequest("bad", (5, 6, 7, 8), PARAMS, "decode-t")
+        # NOTE: the engine thread corrupts the request right after queueing it (no step runs
+        # in between): the token id is out of range, so the forward raises.
+        await svc._core.call(lambda: (svc._prefill_locally(bad), _corrupt(svc, 10**6)))
         rid, deltas = await _next_deltas(svc)
         assert rid == "bad" and deltas["bad"][-1].finish_reason == "error"
         assert "decode step failed" in deltas["bad"][-1].error
-        stats = svc.engine.stats()
-        assert stats.free_blocks == 32 and not svc.engine.has_unfinished()
+        stats = await svc.status()
+        assert stats.free_blocks == 32 and stats.running == stats.waiting == 0
 
         await svc.prefill_locally(PrefillRequest("good", (5, 6, 7, 8), PARAMS, "decode-t"))
         rid, deltas = await _next_deltas(svc)
@@ -65,9 +71,12 @@ def test_local_prefill_of_a_known_request_is_ignored(tiny_llama_dir):
         svc = DecodeService(
             "decode-t", EngineConfig(model=str(tiny_llama_dir), num_blocks=32), "127.0.0.1", 5.0
         )
+        await svc.start()
         req = PrefillRequest("r", (5, 6, 7), PARAMS, "decode-t")
         assert await svc.prefill_locally(req)
         assert await svc.prefill_locally(req)
-        assert svc.engine.stats().waiting == 1
+        rid, deltas = await _next_deltas(svc)
+        assert rid == "r" and sum(len(d.token_ids) for d in deltas["r"]) == 4
+        assert (await svc.status()).requests_total == 1
 
     asyncio.run(scenario())

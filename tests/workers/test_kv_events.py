@@ -46,7 +46,7 @@ class RestartableSource:
                 break
 
     async def snapshot(self) -> bytes:
-        return self.service.kv_snapshot()
+        return await self.service.kv_snapshot()
 
 
 async def _serve(svc: DecodeService, rid: str, prompt: tuple[int, ...]) -> None:

@@ -96,10 +96,11 @@ def test_a_full_decode_pool_refuses_and_the_started_prompt_is_dropped(tiny_llama
     async def scenario():
         prefill, decode = await _services(tiny_llama_dir)
         # another transfer holds 60 of the 64 blocks
-        decode.engine.reserve("other", tuple(range(3, 3 + 60 * 16 - 1)), PARAMS)
+        other = tuple(range(3, 3 + 60 * 16 - 1))
+        await decode._core.call(decode.engine.reserve, "other", other, PARAMS)
         result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
         assert not result.ok and result.error_code == "RESOURCE_EXHAUSTED"
-        decode.engine.abort("other")
+        await decode._core.call(decode.engine.abort, "other")
         assert _idle(prefill, decode)
 
     asyncio.run(scenario())
@@ -108,7 +109,8 @@ def test_a_full_decode_pool_refuses_and_the_started_prompt_is_dropped(tiny_llama
 def test_decode_max_num_seqs_bounds_transferred_requests(tiny_llama_dir):
     """Five transfers land on a decode worker that runs two sequences at a time: the other
     three wait with their KV (counted by the scheduler) until a slot frees."""
-    expected = generate(make_engine(tiny_llama_dir), [PROMPT], PARAMS)[0]
+    params = dataclasses.replace(PARAMS, max_tokens=32)  # long enough for the five to overlap
+    expected = generate(make_engine(tiny_llama_dir), [PROMPT], params)[0]
 
     async def scenario():
         config = EngineConfig(model=str(tiny_llama_dir), num_blocks=64, max_num_seqs=2)
@@ -121,21 +123,28 @@ def test_decode_max_num_seqs_bounds_transferred_requests(tiny_llama_dir):
         )
         await decode.start()
         await prefill.start()
-        stream, outputs, most = decode.stream(), {}, 0
+        stream, outputs, running = decode.stream(), {}, set()
+
+        async def watch():  # the decode worker's own account, between its steps
+            while True:
+                running.add((await decode.status()).running)
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.ensure_future(watch())
         results = await asyncio.gather(
             *(
-                prefill.prefill(PrefillRequest(f"r{i}", PROMPT, PARAMS, "decode-0"))
+                prefill.prefill(PrefillRequest(f"r{i}", PROMPT, params, "decode-0"))
                 for i in range(5)
             )
         )
         assert all(r.ok for r in results)
         while len([o for o in outputs.values() if o[1]]) < 5:
-            most = max(most, decode.engine.stats().running)
             batch = await asyncio.wait_for(anext(stream), 30)
             for d in batch.deltas:
                 tokens, done = outputs.get(d.attempt_id, ([], False))
                 outputs[d.attempt_id] = (tokens + list(d.token_ids), bool(d.finish_reason))
-        assert most == 2
+        watcher.cancel()
+        assert max(running) == 2
         assert all(tokens == expected for tokens, _ in outputs.values())
         assert _idle(prefill, decode)
 
