@@ -49,3 +49,11 @@ class Unauthenticated(PdserveError):
     """The RPC lacks a valid `authorization: Bearer <key>` metadata entry."""
 
     grpc_code = "UNAUTHENTICATED"
+
+
+class RemoteError(PdserveError):
+    """An error another worker reported (a refused reservation), with its gRPC status name."""
+
+    def __init__(self, grpc_code: str, message: str) -> None:
+        super().__init__(message)
+        self.grpc_code = grpc_code

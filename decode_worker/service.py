@@ -247,6 +247,7 @@ class DecodeService:
             outputs = self.engine.step()
         except Exception as e:  # the loop must outlive a bad step, or every request hangs
             logger.exception("decode step failed; ending the requests in it")
+            self._receiver.close_all()  # no late KV may land in the blocks freed next
             self._fail(self.engine.abort_all(), f"decode step failed: {e}")
             self._flush()
             return True

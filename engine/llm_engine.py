@@ -232,11 +232,11 @@ class LLMEngine:
         s = self._scheduler
         return EngineStats(
             running=len(s.running),
-            waiting=len(s.waiting),
+            waiting=len(s.waiting) + len(s.ready),
             reserved=s.num_reserved,
             free_blocks=s.num_available_blocks,
             total_blocks=self._pool.num_blocks,
-            cached_blocks=s.cache.num_blocks,
+            cached_blocks=s.num_cached_blocks,
             requests_total=self._requests_total,
             prompt_tokens_computed=self._prompt_tokens_computed,
             prompt_tokens_cached=self._prompt_tokens_cached,
@@ -245,11 +245,11 @@ class LLMEngine:
 
     def drain_kv_events(self) -> list[KVEvent]:
         """The prefix cache's stored/removed events since the last call, in order."""
-        return self._scheduler.cache.drain_events()
+        return self._scheduler.drain_kv_events()
 
     def cached_blocks(self) -> list[BlockStored]:
         """Every block in the prefix cache, parents first (a snapshot for the router)."""
-        return self._scheduler.cache.snapshot()
+        return self._scheduler.cached_blocks()
 
     def _seq(self, request_id: str) -> Sequence:
         seq = self._seqs.get(request_id)

@@ -9,8 +9,10 @@ is free (nor evictable from the prefix cache), the newest running sequence is pr
 blocks are freed and it is recomputed later from its tokens, which gives the same output
 because sampling depends only on (seed, position).
 
-A *reserved* sequence holds blocks for KV that another worker is sending; it counts against the
-pool at once and against `max_num_seqs` from the moment it joins the waiting queue.
+A *reserved* sequence holds blocks for KV that another worker is sending (and one more token's
+worth, for the token it decodes first); it counts against the pool at once. Once its KV has
+landed it is *ready*: it joins the running batch before any waiting sequence, as `max_num_seqs`
+allows, and needs no new block to do so, so a pool full of ready sequences always moves.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 
 from pdserve.api.block_hash import block_hashes
 from pdserve.api.errors import CapacityExceeded
-from pdserve.engine.kv_pool import BlockPool
+from pdserve.api.kv_events import BlockStored, KVEvent
+from pdserve.engine.kv_pool import BlockPool, blocks_for
 from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.sequence import Sequence, Status
 
@@ -48,21 +51,32 @@ class Scheduler:
         enable_prefix_cache: bool = True,
     ) -> None:
         self.pool = pool
-        self.cache = PrefixCache(pool)
+        self._cache = PrefixCache(pool)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.salt = cache_salt
         self.enable_prefix_cache = enable_prefix_cache
         self.waiting: deque[Sequence] = deque()
+        self.ready: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_reserved = 0
         self.num_preemptions = 0
 
     @property
+    def num_cached_blocks(self) -> int:
+        return self._cache.num_blocks
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        return self._cache.drain_events()
+
+    def cached_blocks(self) -> list[BlockStored]:
+        return self._cache.snapshot()
+
+    @property
     def num_available_blocks(self) -> int:
         """Blocks that an allocation can get: free ones and unlocked cached ones."""
-        return self.pool.num_free + self.cache.num_evictable
+        return self.pool.num_free + self._cache.num_evictable
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -72,7 +86,7 @@ class Scheduler:
         number of leading tokens already cached (their KV need not be sent). Raises
         `CapacityExceeded` when the blocks are not there."""
         cached = self._match(seq, seq.num_tokens)
-        need = self.blocks_needed(seq.num_tokens) - len(seq.block_ids)
+        need = self.blocks_needed(seq.num_tokens + 1) - len(seq.block_ids)
         if need > self.num_available_blocks:
             self._release(seq)
             raise CapacityExceeded(
@@ -84,12 +98,13 @@ class Scheduler:
         return cached
 
     def admit_reserved(self, seq: Sequence, num_computed: int) -> None:
-        """The reserved KV of the first `num_computed` tokens has landed: the sequence queues
-        for the running batch with its blocks (only the tokens after them compute)."""
+        """The reserved KV of the first `num_computed` tokens has landed (and enters the prefix
+        cache): the sequence is ready to join the running batch with its blocks."""
         self.num_reserved -= 1
         seq.num_computed = num_computed
-        seq.status = Status.WAITING
-        self.waiting.append(seq)
+        seq.status = Status.READY
+        self.cache_computed(seq)
+        self.ready.append(seq)
 
     def fall_back(self, seq: Sequence) -> None:
         """The reserved KV will not come: the sequence queues to be computed here, from its
@@ -101,10 +116,10 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.ready or self.running)
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     def schedule(self) -> list[ScheduledSeq]:
         """The next step's work, single-token (decode) sequences first."""
@@ -119,6 +134,12 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
+        while self.ready and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.ready.popleft()  # its blocks hold every token it computes next
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, seq.num_uncomputed))
+            budget -= seq.num_uncomputed
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             fresh = not seq.block_ids
@@ -151,7 +172,7 @@ class Scheduler:
             return
         self._hash(seq, full)
         for i in range(seq.cache_depth, full):
-            seq.cache_node = self.cache.extend(
+            seq.cache_node = self._cache.extend(
                 seq.cache_node, seq.block_hashes[i], seq.block_ids[i]
             )
         seq.cache_depth = full
@@ -174,12 +195,12 @@ class Scheduler:
         if not self.enable_prefix_cache:
             return 0
         self._hash(seq, max_tokens // self.block_size)
-        path = self.cache.match(seq.block_hashes[: max_tokens // self.block_size])
+        path = self._cache.match(seq.block_hashes[: max_tokens // self.block_size])
         if not path:
             return 0
         blocks = [node.block for node in path]
         self.pool.incref(blocks)
-        self.cache.lock(path[-1])
+        self._cache.lock(path[-1])
         seq.block_ids = blocks
         seq.cache_node, seq.cache_depth = path[-1], len(path)
         cached = len(path) * self.block_size
@@ -190,7 +211,7 @@ class Scheduler:
     def _allocate(self, n: int) -> list[int]:
         short = n - self.pool.num_free
         if short > 0:
-            self.cache.evict(short)
+            self._cache.evict(short)
         return self.pool.allocate(n)
 
     def _grow(self, seq: Sequence, n: int) -> bool:
@@ -220,6 +241,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is Status.READY:
+            self.ready.remove(seq)
         elif seq.status is Status.RESERVED:
             self.num_reserved -= 1
         self._release(seq)
@@ -228,6 +251,6 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.block_ids:
             self.pool.free(seq.block_ids)
-        self.cache.unlock(seq.cache_node)
+        self._cache.unlock(seq.cache_node)
         seq.block_ids = []
         seq.cache_node, seq.cache_depth = None, 0

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 class Status(enum.Enum):
     RESERVED = "reserved"  # blocks held for KV that another worker is sending
+    READY = "ready"  # that KV has landed; waiting for a place in the running batch
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"

@@ -71,7 +71,7 @@ class KVFeed:
                     raise ValueError(f"a batch of {batch.worker_id!r} in the events of {worker_id}")
                 if self._index.apply(batch):
                     continue
-                snapshot = decode_snapshot(await source.snapshot())
+                snapshot = decode_snapshot(await _snapshot(source))
                 if snapshot.worker_id != worker_id:
                     raise ValueError(f"a snapshot of {snapshot.worker_id!r} from {worker_id}")
                 self._index.resync(snapshot)
@@ -92,3 +92,18 @@ class KVFeed:
             reason = f"the events failed: {type(e).__name__}: {e}"
         logger.warning("KV index: %s dropped: %s", worker_id, reason)
         self._index.remove_worker(worker_id)
+
+
+SNAPSHOT_RETRIES_S = (0.1, 0.5, 2.0)
+
+
+async def _snapshot(source: KVSource) -> bytes:
+    """A snapshot, retried after a failed call (a worker busy starting, a transient RPC
+    error); the last failure propagates and drops the worker from the index."""
+    for delay in SNAPSHOT_RETRIES_S:
+        try:
+            return await source.snapshot()
+        except Exception as e:
+            logger.warning("KV index: a snapshot failed (%s); retrying in %.1f s", e, delay)
+            await asyncio.sleep(delay)
+    return await source.snapshot()

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pdserve.api.messages import ChannelAddress
+from pdserve.engine.kv_pool import blocks_for
 from pdserve.engine.kv_transfer.channel import RECEIVER, KVChannel
 from pdserve.engine.kv_transfer.messages import KeepAlive, KVChunk, TransferCancel, TransferDone
 from pdserve.engine.kv_transfer.slots import scatter_tokens, token_slots
@@ -97,10 +98,6 @@ class KVReceiver:
         live = sum(c.kv.bytes_received for c in self._channels.values() if c.kv is not None)
         return self._closed_bytes + live
 
-    @property
-    def num_pending(self) -> int:
-        return len(self._by_attempt)
-
     def get(self, attempt_id: str) -> Incoming | None:
         return self._by_attempt.get(attempt_id)
 
@@ -151,6 +148,11 @@ class KVReceiver:
         self._by_transfer.pop(inc.transfer_id, None)
         return True
 
+    def close_all(self) -> None:
+        """Stops writing into every open transfer's blocks (before the owner frees them all)."""
+        for inc in list(self._by_attempt.values()):
+            self.close(inc)
+
     def transfer_seconds(self, inc: Incoming, msg: TransferDone) -> float:
         """From the first chunk sent to the last one landed (wall clock, both sides)."""
         if msg.first_sent_at is None or inc.last_landed is None:
@@ -162,6 +164,9 @@ class KVReceiver:
             chan.kv = KVChannel.join(
                 self.host, store.port, RECEIVER, self._kv_cache.device, self._timeout_s, store
             )
+            if not chan.alive:  # closed (replaced) while it was being joined
+                chan.kv.close()
+                return
             while True:
                 with chan.cond:
                     chan.cond.wait_for(lambda: chan.expected > 0 or not chan.alive)
@@ -209,13 +214,16 @@ class KVReceiver:
             inc.last_landed = time.time()
             if chunk.layer == 0:  # a block counts when its first token lands
                 end = chunk.token_start + n
-                self.blocks_received += _blocks(end, self._block_size) - _blocks(
+                self.blocks_received += blocks_for(end, self._block_size) - blocks_for(
                     chunk.token_start, self._block_size
                 )
 
     def _close_channel(self, chan: _Channel, reason: str) -> None:
-        """Every transfer still expected on the channel fails."""
+        """Every transfer still expected on the channel fails (once, however often the channel
+        is closed: replaced, and then its receive fails)."""
         with chan.cond:
+            if not chan.alive:
+                return
             chan.alive = False
             chan.cond.notify_all()
         if self._channels.get(chan.prefill_id) is chan:
@@ -226,7 +234,3 @@ class KVReceiver:
                 chan.kv.close()
         for inc in [i for i in self._by_attempt.values() if i.channel is chan]:
             self._on_failed(inc, reason)
-
-
-def _blocks(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from pdserve.api.errors import NotFound, PdserveError, TransferFailed
+from pdserve.api.errors import NotFound, RemoteError, TransferFailed
 from pdserve.api.messages import ChannelAddress, PrefillRequest, TokenLogprobs
+from pdserve.engine.kv_pool import blocks_for
 from pdserve.engine.kv_transfer.channel import SENDER, KVChannel
 from pdserve.engine.kv_transfer.messages import (
     KeepAlive,
@@ -34,14 +35,6 @@ from pdserve.engine.kv_transfer.slots import gather_tokens, token_slots
 from pdserve.engine.scheduler import ScheduledSeq
 
 logger = logging.getLogger(__name__)
-
-
-class RemoteRefusal(PdserveError):
-    """The decode worker refused the reservation; carries its gRPC status name."""
-
-    def __init__(self, grpc_code: str, message: str) -> None:
-        super().__init__(message)
-        self.grpc_code = grpc_code
 
 
 @dataclass(eq=False)
@@ -108,9 +101,6 @@ class KVSender:
         self._transfers[req.attempt_id] = t
         return t
 
-    def has(self, attempt_id: str) -> bool:
-        return attempt_id in self._transfers
-
     def forget(self, t: Outgoing) -> None:
         if self._transfers.get(t.request.attempt_id) is t:
             del self._transfers[t.request.attempt_id]
@@ -121,7 +111,7 @@ class KVSender:
 
     async def reserve(self, t: Outgoing) -> None:
         """Reserves blocks on the decode worker, then sends what waited for the reservation.
-        Raises `TransferFailed` when no channel can be had, `RemoteRefusal` when the decode
+        Raises `TransferFailed` when no channel can be had, `RemoteError` when the decode
         worker says no."""
         req = t.request
         decode = self._decode_handle(req.decode_worker)
@@ -134,7 +124,7 @@ class KVSender:
         else:
             raise TransferFailed(f"no usable KV channel to {req.decode_worker}")
         if reply.error_code:
-            raise RemoteRefusal(reply.error_code, reply.error or "")
+            raise RemoteError(reply.error_code, reply.error or "")
         t.transfer_id, t.channel, t.decode_cached = reply.transfer_id, chan, reply.cached_tokens
         if self._transfers.get(req.attempt_id) is not t:
             self.cancel(t)  # aborted while the reservation travelled
@@ -210,7 +200,7 @@ class KVSender:
         if t.failed:
             return
         bs = self._block_size
-        self.blocks_sent += max(0, -(-t.layer_sent[0] // bs) - t.decode_cached // bs)
+        self.blocks_sent += max(0, blocks_for(t.layer_sent[0], bs) - t.decode_cached // bs)
         msg = t.done_msg
         done = TransferDone(
             t.transfer_id,

@@ -129,8 +129,24 @@ def test_reserve_reports_the_cached_prefix_and_holds_the_rest(tiny_llama_dir):
     generate(engine, [prompt])
     cached = engine.reserve("incoming", prompt + _tokens(10, 11), GREEDY)
     assert cached == 64
-    assert len(engine.block_ids("incoming")) == 5
+    assert len(engine.block_ids("incoming")) == 6  # 80 tokens and the first one decoded
     assert engine.stats().reserved == 1
     engine.abort("incoming")
     stats = engine.stats()
     assert stats.reserved == 0 and stats.free_blocks == stats.total_blocks
+
+
+def test_landed_transfers_run_even_when_a_waiting_prompt_cannot_fit(tiny_llama_dir):
+    """A transfer's blocks hold its first decoded token too, and a landed transfer joins the
+    batch ahead of waiting prompts: a pool full of landed transfers always moves."""
+    engine = make_engine(tiny_llama_dir, num_blocks=10)
+    params = GREEDY.__class__(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.reserve("transfer", _tokens(90, 40), params)  # 6 of the 10 blocks
+    engine.add_request("local", _tokens(90, 41), params)  # needs 6: waits
+    assert engine.step() == []
+    first = engine.admit_prefilled("transfer", 5, None)
+    assert not first.finished
+    outs = run_all(engine)
+    assert len(outs["transfer"]) == 7 and len(outs["local"]) == 8
+    stats = engine.stats()
+    assert stats.free_blocks == stats.total_blocks and stats.waiting == stats.reserved == 0

@@ -140,6 +140,7 @@ class Publisher:
         self.end = end
         self.published = 0
         self.snapshots_taken = 0
+        self.failing_snapshots = 0
         self.drained = asyncio.Event()
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -152,6 +153,8 @@ class Publisher:
 
     async def snapshot(self) -> bytes:
         self.snapshots_taken += 1
+        if self.snapshots_taken <= self.failing_snapshots:
+            raise ConnectionError("the worker is busy")
         last = self.batches[self.published - 1]
         held: list[int] = []
         for b in self.batches[: self.published]:
@@ -211,3 +214,10 @@ def test_a_worker_whose_events_end_leaves_the_index():
     publisher = Publisher("decode-0", [batch("decode-0", 1, stored(PROMPT))], end=True)
     assert run_feed(index, publisher) == {}
     assert len(index) == 0
+
+
+def test_a_failed_snapshot_is_retried_before_the_worker_is_dropped():
+    publisher = Publisher("decode-0", [batch("decode-0", 1, stored(PROMPT))])
+    publisher.failing_snapshots = 2
+    assert run_feed(RadixIndex(), publisher) == {"decode-0": len(PROMPT)}
+    assert publisher.snapshots_taken == 3

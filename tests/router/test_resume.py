@@ -124,3 +124,14 @@ def test_a_pin_to_an_unknown_worker_is_invalid_argument_naming_it(server, role):
     code, details = generate_status(server.target, request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith(f"placement.{role}:") and "'gpu-9'" in details
+
+
+def test_a_resume_counts_its_earlier_output_against_the_context(tokenizer):
+    """3 prompt + 2 earlier output tokens leave 5 of a 10-token context: 6 more do not fit,
+    or shrink to 5 with clamp_max_tokens."""
+    request = pb.GenerateRequest(resume_from="r1")
+    request.sampling.max_tokens = 6
+    with pytest.raises(ValueError, match="max_tokens"):
+        resumed(tokenizer, request, max_model_len=10)
+    request.clamp_max_tokens = True
+    assert resumed(tokenizer, request, max_model_len=10).params.max_tokens == 5
