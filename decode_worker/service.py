@@ -240,8 +240,9 @@ class DecodeService:
         """One engine step if there is work. False when idle, or when waiting requests need
         blocks that transfers in flight hold: the thread then sleeps until an admission,
         release, fallback or RPC hands it work."""
+        if self._outbox or not self.engine.has_unfinished():
+            self._flush()  # what came in since the last step (a landed transfer's first token)
         if not self.engine.has_unfinished():
-            self._flush()
             return False
         try:
             outputs = self.engine.step()
