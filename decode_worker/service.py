@@ -257,19 +257,9 @@ class DecodeService:
         return bool(outputs) or self.engine.stats().running > 0
 
     def _status(self) -> WorkerStatus:
-        s = self.engine.stats()
-        return WorkerStatus(
-            worker_id=self.worker_id,
-            role="decode",
-            tp=1,
-            running=s.running,
-            waiting=s.waiting + s.reserved,
-            free_blocks=s.free_blocks,
-            total_blocks=s.total_blocks,
-            cached_blocks=s.cached_blocks,
-            requests_total=s.requests_total,
-            prompt_tokens_computed=s.prompt_tokens_computed,
-            prompt_tokens_cached=s.prompt_tokens_cached,
+        return self.engine.stats().worker_status(
+            self.worker_id,
+            "decode",
             kv_blocks_received=self._receiver.blocks_received,
             kv_bytes_received=self._receiver.bytes_received,
             transfer_fallbacks=self.num_fallbacks,

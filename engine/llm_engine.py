@@ -18,7 +18,7 @@ import torch
 from pdserve.api.block_hash import model_salt
 from pdserve.api.errors import InvalidRequest, NotFound
 from pdserve.api.kv_events import BlockStored, KVEvent
-from pdserve.api.messages import TokenLogprobs
+from pdserve.api.messages import TokenLogprobs, WorkerStatus
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.kv_pool import (
@@ -66,6 +66,23 @@ class EngineStats:
     prompt_tokens_computed: int
     prompt_tokens_cached: int
     preemptions: int
+
+    def worker_status(self, worker_id: str, role: str, **transfer: int) -> WorkerStatus:
+        """What a worker reports of itself: these numbers and its KV transfer counters."""
+        return WorkerStatus(
+            worker_id=worker_id,
+            role=role,
+            tp=1,
+            running=self.running,
+            waiting=self.waiting + self.reserved,
+            free_blocks=self.free_blocks,
+            total_blocks=self.total_blocks,
+            cached_blocks=self.cached_blocks,
+            requests_total=self.requests_total,
+            prompt_tokens_computed=self.prompt_tokens_computed,
+            prompt_tokens_cached=self.prompt_tokens_cached,
+            **transfer,
+        )
 
 
 def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:

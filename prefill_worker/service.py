@@ -158,19 +158,9 @@ class PrefillService:
                 done.set_result(PrefillResult(aid, False, "INTERNAL", error))
 
     async def status(self) -> WorkerStatus:
-        s = self.engine.stats()
-        return WorkerStatus(
-            worker_id=self.worker_id,
-            role="prefill",
-            tp=1,
-            running=s.running,
-            waiting=s.waiting,
-            free_blocks=s.free_blocks,
-            total_blocks=s.total_blocks,
-            cached_blocks=s.cached_blocks,
-            requests_total=s.requests_total,
-            prompt_tokens_computed=s.prompt_tokens_computed,
-            prompt_tokens_cached=s.prompt_tokens_cached,
+        return self.engine.stats().worker_status(
+            self.worker_id,
+            "prefill",
             kv_blocks_sent=self._sender.blocks_sent,
             kv_bytes_sent=self._sender.bytes_sent,
         )
