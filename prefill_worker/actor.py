@@ -54,11 +54,11 @@ class PrefillWorker:
         return await self._svc.status()
 
     async def kv_snapshot(self) -> bytes:
-        return self._svc.kv_snapshot()
+        return await self._svc.kv_snapshot()
 
     async def kv_events(self) -> AsyncIterator[bytes]:
         async for batch in self._svc.kv_events():
             yield batch
 
     async def inject_fault(self, decode_id: str, after_messages: int) -> None:
-        self._svc.inject_fault(decode_id, after_messages)
+        await self._svc.inject_fault(decode_id, after_messages)

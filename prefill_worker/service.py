@@ -5,6 +5,9 @@ chunked, cached prefixes skipped), and the engine samples the first token. The K
 through `KVSender` layer by layer while the following layers compute. When no channel to the
 decode worker can be had, this worker reports it to the decode worker, which decides (it
 prefills the request itself).
+
+The engine, the transfers and every send live on an `EngineThread`; the event loop keeps the
+RPCs, the reservation round trip and each call's answer.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 
 from pdserve.api.errors import PdserveError, TransferFailed
 from pdserve.api.messages import PrefillRequest, PrefillResult, WorkerStatus
+from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine_thread import EngineThread
 from pdserve.engine.event_publisher import EventPublisher
 from pdserve.engine.kv_transfer.sender import KVSender, Outgoing
 from pdserve.engine.llm_engine import LLMEngine
@@ -37,6 +42,7 @@ class PrefillService:
     ) -> None:
         self.worker_id = worker_id
         self.engine = LLMEngine(config)
+        self._core = EngineThread(f"engine-{worker_id}", self._step)
         self._decode_handle = decode_handle
         self._sender = KVSender(
             worker_id,
@@ -46,14 +52,16 @@ class PrefillService:
             decode_handle,
             transfer_timeout_s,
         )
-        self._results: dict[str, asyncio.Future[PrefillResult]] = {}
         self._events = EventPublisher(worker_id, self.engine)
-        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._results: dict[str, asyncio.Future[PrefillResult]] = {}  # on the event loop
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._events.attach(loop)
-        loop.create_task(self._step_loop())
+        self._loop = asyncio.get_running_loop()
+        self._events.attach(self._loop)
+        self._core.start()
+
+    # --- the RPC surface (on the event loop) ------------------------------------------------
 
     async def connect(self, decode_ids: list[str]) -> None:
         """Opens channels to decode workers ahead of their first request, so the channel set-up
@@ -71,93 +79,115 @@ class PrefillService:
             return PrefillResult(aid, False, "ALREADY_EXISTS", f"attempt {aid!r} is in flight")
         # The prefill engine only samples the first token; the decode worker does the rest.
         first_only = dataclasses.replace(req.params, max_tokens=1)
+        # NOTE: registered before the engine hears of it, so an abort that comes at any later
+        # moment finds it (and reaches the engine thread after `_begin`).
+        done = self._results[aid] = asyncio.get_running_loop().create_future()
         try:
-            self.engine.add_request(aid, req.prompt_token_ids, first_only, req.output_token_ids)
-        except PdserveError as e:
-            return PrefillResult(aid, False, e.grpc_code, str(e))
-        done = asyncio.get_running_loop().create_future()
-        self._results[aid] = done
-        t = self._sender.begin(req)
-        self._wake.set()
-        try:
-            await self._sender.reserve(t)
-        except TransferFailed as e:
-            self._drop(t)
-            if not done.done():  # no channel to the decode worker: it decides what to do
-                logger.warning("attempt %s: %s; reporting to %s", aid, e, req.decode_worker)
-                await self._decode_handle(req.decode_worker).prefill_locally.remote(req)
-                done.set_result(PrefillResult(aid, True))
-        except Exception as e:  # refused (a PdserveError), or the decode worker is unreachable
-            self._drop(t)
-            code = e.grpc_code if isinstance(e, PdserveError) else "UNAVAILABLE"
+            try:
+                t = await self._core.call(self._begin, req, first_only)
+            except PdserveError as e:
+                return PrefillResult(aid, False, e.grpc_code, str(e))
             if not done.done():
-                done.set_result(PrefillResult(aid, False, code, f"{req.decode_worker}: {e}"))
-        else:
-            if t.done_msg is not None and not done.done():  # sent as the reservation landed
-                done.set_result(PrefillResult(aid, True))
-        try:
+                await self._reserve(t, done)
             return await done
         finally:
             if self._results.get(aid) is done:
                 del self._results[aid]
 
+    async def _reserve(self, t: Outgoing, done: asyncio.Future[PrefillResult]) -> None:
+        """Reserves the blocks on the decode worker; the answer goes to `done` unless the
+        first token does it (or an abort did)."""
+        req, aid = t.request, t.request.attempt_id
+        try:
+            reply, chan = await self._sender.reserve(t)
+        except TransferFailed as e:
+            await self._core.call(self._drop, t)
+            if not done.done():  # no channel to the decode worker: it decides what to do
+                logger.warning("attempt %s: %s; reporting to %s", aid, e, req.decode_worker)
+                await self._decode_handle(req.decode_worker).prefill_locally.remote(req)
+                done.set_result(PrefillResult(aid, True))
+        except Exception as e:  # refused (a PdserveError), or the decode worker is unreachable
+            await self._core.call(self._drop, t)
+            code = e.grpc_code if isinstance(e, PdserveError) else "UNAVAILABLE"
+            if not done.done():
+                done.set_result(PrefillResult(aid, False, code, f"{req.decode_worker}: {e}"))
+        else:
+            closed = await self._core.call(self._sender.landed, t, reply, chan)
+            if closed and not done.done():  # the first token was waiting for the reservation
+                done.set_result(PrefillResult(aid, True))
+
     async def abort(self, attempt_id: str) -> bool:
         done = self._results.get(attempt_id)
         if done is None or done.done():
             return False
-        self.engine.abort(attempt_id)
-        self._sender.abort(attempt_id)
-        done.set_result(PrefillResult(attempt_id, False, "CANCELLED", "aborted"))
+        await self._core.call(self._abort, attempt_id)
+        if not done.done():
+            done.set_result(PrefillResult(attempt_id, False, "CANCELLED", "aborted"))
         return True
 
-    def inject_fault(self, decode_id: str, after_messages: int) -> None:
-        self._sender.inject_fault(decode_id, after_messages)
+    async def inject_fault(self, decode_id: str, after_messages: int) -> None:
+        await self._core.call(self._sender.inject_fault, decode_id, after_messages)
 
-    def kv_snapshot(self) -> bytes:
-        return self._events.snapshot()
+    async def kv_snapshot(self) -> bytes:
+        return await self._core.call(self._events.snapshot)
 
     def kv_events(self) -> AsyncIterator[bytes]:
         return self._events.stream()
+
+    async def status(self) -> WorkerStatus:
+        return await self._core.call(self._status)
+
+    def _answer(self, attempt_id: str, result: PrefillResult) -> None:
+        """Answers a prefill call (on the event loop)."""
+        done = self._results.get(attempt_id)
+        if done is not None and not done.done():
+            done.set_result(result)
+
+    def _answer_from_engine(self, attempt_id: str, result: PrefillResult) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._answer, attempt_id, result)
+
+    # --- on the engine thread ---------------------------------------------------------------
+
+    def _begin(self, req: PrefillRequest, params: SamplingParams) -> Outgoing:
+        self.engine.add_request(req.attempt_id, req.prompt_token_ids, params, req.output_token_ids)
+        return self._sender.begin(req)
 
     def _drop(self, t: Outgoing) -> None:
         self._sender.forget(t)
         self.engine.abort(t.request.attempt_id)
 
-    async def _step_loop(self) -> None:
-        while True:
-            if not self.engine.has_unfinished():
-                self._events.publish()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                outputs = self.engine.step(self._sender.ship_layer)
-            except Exception as e:  # the loop must outlive a bad step, or every request hangs
-                logger.exception("prefill step failed; ending the requests in it")
-                self._fail_all(f"prefill step failed: {e}")
-                continue
-            self._sender.flush_all()
-            for out in outputs:
-                t = self._sender.finish(
-                    out.request_id, out.new_token_ids[0], out.logprobs, out.cached_prompt_tokens
-                )
-                done = self._results.get(out.request_id)
-                # NOTE: a transfer whose reservation has not landed is answered by `prefill`.
-                if t is not None and t.channel is not None and done and not done.done():
-                    done.set_result(PrefillResult(out.request_id, True))
-            self._sender.keep_alive()
+    def _abort(self, attempt_id: str) -> None:
+        self.engine.abort(attempt_id)
+        self._sender.abort(attempt_id)
+
+    def _step(self) -> bool:
+        if not self.engine.has_unfinished():
             self._events.publish()
-            await asyncio.sleep(0)
+            return False
+        try:
+            outputs = self.engine.step(self._sender.ship_layer)
+        except Exception as e:  # the loop must outlive a bad step, or every request hangs
+            logger.exception("prefill step failed; ending the requests in it")
+            self.engine.abort_all()
+            for t in self._sender.fail_all():
+                aid = t.request.attempt_id
+                error = f"prefill step failed: {e}"
+                self._answer_from_engine(aid, PrefillResult(aid, False, "INTERNAL", error))
+            return True
+        self._sender.flush_all()
+        for out in outputs:
+            t = self._sender.finish(
+                out.request_id, out.new_token_ids[0], out.logprobs, out.cached_prompt_tokens
+            )
+            # NOTE: a transfer whose reservation has not landed is answered by `prefill`.
+            if t is not None and t.channel is not None:
+                self._answer_from_engine(out.request_id, PrefillResult(out.request_id, True))
+        self._sender.keep_alive()
+        self._events.publish()
+        return True
 
-    def _fail_all(self, error: str) -> None:
-        self.engine.abort_all()
-        self._sender.fail_all()
-        for aid, done in list(self._results.items()):
-            del self._results[aid]
-            if not done.done():
-                done.set_result(PrefillResult(aid, False, "INTERNAL", error))
-
-    async def status(self) -> WorkerStatus:
+    def _status(self) -> WorkerStatus:
         return self.engine.stats().worker_status(
             self.worker_id,
             "prefill",

@@ -7,12 +7,18 @@ layers wait in a stash. The reservation says how many leading tokens the decode 
 already: only the tokens after them are sent, including ones this worker took from its own
 prefix cache rather than computing. `TransferDone` with the first sampled token closes a
 transfer.
+
+Threads: the transfers and every send belong to the prefill worker's engine thread
+(`begin`, `landed`, `ship_layer`, `finish`, `cancel`, `abort`, `flush_all`, `keep_alive`); only
+`reserve` and `connect` (channel set-up and the reservation RPC) run on the event loop. The
+channel table, which both touch, is guarded by a lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +27,7 @@ from typing import Any
 import torch
 
 from pdserve.api.errors import NotFound, RemoteError, TransferFailed
-from pdserve.api.messages import ChannelAddress, PrefillRequest, TokenLogprobs
+from pdserve.api.messages import ChannelAddress, PrefillRequest, ReserveReply, TokenLogprobs
 from pdserve.engine.kv_pool import blocks_for
 from pdserve.engine.kv_transfer.channel import SENDER, KVChannel
 from pdserve.engine.kv_transfer.messages import (
@@ -87,6 +93,7 @@ class KVSender:
         self._decode_handle = decode_handle
         self._timeout_s = timeout_s
         self._channels: dict[str, _Channel] = {}
+        self._channels_lock = threading.Lock()
         self._opening: dict[str, asyncio.Task[_Channel]] = {}
         self._transfers: dict[str, Outgoing] = {}
         self._closed_bytes = 0
@@ -94,7 +101,9 @@ class KVSender:
 
     @property
     def bytes_sent(self) -> int:
-        return self._closed_bytes + sum(c.kv.bytes_sent for c in self._channels.values())
+        with self._channels_lock:
+            live = sum(c.kv.bytes_sent for c in self._channels.values())
+            return self._closed_bytes + live
 
     def begin(self, req: PrefillRequest) -> Outgoing:
         t = Outgoing(req, self._kv_cache.shape[0])
@@ -109,10 +118,10 @@ class KVSender:
         """Opens the channel to a decode worker ahead of its first request."""
         await self._channel(decode_id)
 
-    async def reserve(self, t: Outgoing) -> None:
-        """Reserves blocks on the decode worker, then sends what waited for the reservation.
-        Raises `TransferFailed` when no channel can be had, `RemoteError` when the decode
-        worker says no."""
+    async def reserve(self, t: Outgoing) -> tuple[ReserveReply, _Channel]:
+        """Reserves blocks on the decode worker (on the event loop); `landed` then applies the
+        reply. Raises `TransferFailed` when no channel can be had, `RemoteError` when the
+        decode worker says no."""
         req = t.request
         decode = self._decode_handle(req.decode_worker)
         for _ in range(2):
@@ -125,15 +134,22 @@ class KVSender:
             raise TransferFailed(f"no usable KV channel to {req.decode_worker}")
         if reply.error_code:
             raise RemoteError(reply.error_code, reply.error or "")
+        return reply, chan
+
+    def landed(self, t: Outgoing, reply: ReserveReply, chan: _Channel) -> bool:
+        """The reservation is in: sends what waited for it. True if that closed the transfer
+        (its first token was sampled already)."""
         t.transfer_id, t.channel, t.decode_cached = reply.transfer_id, chan, reply.cached_tokens
-        if self._transfers.get(req.attempt_id) is not t:
+        if self._transfers.get(t.request.attempt_id) is not t:
             self.cancel(t)  # aborted while the reservation travelled
-            return
+            return False
         for chunk in t.stash:
             self._send_chunk(t, chunk)
         t.stash = []
-        if t.done_msg is not None:
-            self._close(t)
+        if t.done_msg is None:
+            return False
+        self._close(t)
+        return True
 
     def ship_layer(self, scheduled: list[ScheduledSeq], layer: int) -> None:
         """Runs inside the forward pass, right after `layer` wrote its KV."""
@@ -320,16 +336,18 @@ class KVSender:
         if old is not None:
             self._drop_channel(old)
         chan = _Channel(decode_id, kv, addr.epoch)
-        self._channels[decode_id] = chan
+        with self._channels_lock:
+            self._channels[decode_id] = chan
         logger.info("KV channel to %s open (epoch %d)", decode_id, addr.epoch)
         return chan
 
     def _drop_channel(self, chan: _Channel) -> None:
         """Closes the channel, so a receiver blocked on it fails at once rather than at its
         timeout; the next request to that decode worker builds a new one."""
-        if self._channels.get(chan.decode_id) is chan:
-            del self._channels[chan.decode_id]
-            self._closed_bytes += chan.kv.bytes_sent
+        with self._channels_lock:
+            if self._channels.get(chan.decode_id) is chan:
+                del self._channels[chan.decode_id]
+                self._closed_bytes += chan.kv.bytes_sent
         chan.kv.close()
 
     def _channel_failed(self, chan: _Channel, error: Exception) -> None:

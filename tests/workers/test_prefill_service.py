@@ -52,11 +52,13 @@ async def _tokens(decode: DecodeService, request_id: str) -> list[int]:
                     return tokens
 
 
-def _idle(*services) -> bool:
-    stats = [s.engine.stats() for s in services]
-    return all(s.free_blocks == s.total_blocks and not s.reserved for s in stats) and not any(
-        s.engine.has_unfinished() for s in services
-    )
+async def _idle(*services) -> bool:
+    """Nothing running, waiting or reserved, every block back (each worker's own account)."""
+    for s in services:
+        st = await s.status()
+        if st.running or st.waiting or st.free_blocks != st.total_blocks:
+            return False
+    return True
 
 
 def test_chunked_prefill_crosses_the_channel_and_decodes_like_one_engine(tiny_llama_dir):
@@ -67,8 +69,8 @@ def test_chunked_prefill_crosses_the_channel_and_decodes_like_one_engine(tiny_ll
         result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
         assert result.ok
         assert await _tokens(decode, "r") == expected
-        assert decode.engine.stats().prompt_tokens_computed == 0
-        assert _idle(prefill, decode)
+        assert (await decode.status()).prompt_tokens_computed == 0
+        assert await _idle(prefill, decode)
 
     asyncio.run(scenario())
 
@@ -84,10 +86,10 @@ def test_abort_while_the_reservation_travels_frees_both_sides(tiny_llama_dir):
         result = await task
         assert not result.ok and result.error_code == "CANCELLED"
         for _ in range(200):
-            if _idle(prefill, decode):
+            if await _idle(prefill, decode):
                 break
             await asyncio.sleep(0.01)
-        assert _idle(prefill, decode)
+        assert await _idle(prefill, decode)
 
     asyncio.run(scenario())
 
@@ -101,7 +103,7 @@ def test_a_full_decode_pool_refuses_and_the_started_prompt_is_dropped(tiny_llama
         result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
         assert not result.ok and result.error_code == "RESOURCE_EXHAUSTED"
         await decode._core.call(decode.engine.abort, "other")
-        assert _idle(prefill, decode)
+        assert await _idle(prefill, decode)
 
     asyncio.run(scenario())
 
@@ -146,7 +148,7 @@ def test_decode_max_num_seqs_bounds_transferred_requests(tiny_llama_dir):
         watcher.cancel()
         assert max(running) == 2
         assert all(tokens == expected for tokens, _ in outputs.values())
-        assert _idle(prefill, decode)
+        assert await _idle(prefill, decode)
 
     asyncio.run(scenario())
 
@@ -173,7 +175,7 @@ def test_no_channel_is_reported_and_the_decode_worker_prefills_the_request(tiny_
         result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
         assert result.ok
         assert await _tokens(decode, "r") == expected
-        assert decode.engine.stats().prompt_tokens_computed == len(PROMPT)
-        assert _idle(prefill, decode)
+        assert (await decode.status()).prompt_tokens_computed == len(PROMPT)
+        assert await _idle(prefill, decode)
 
     asyncio.run(scenario())
