@@ -207,6 +207,8 @@ class DecodeService:
                 info.completion_tokens += len(out.new_token_ids)
                 # NOTE: usage and timings ride on the first delta too, so a request that the
                 # router ends early (a stop string) still reports them.
+                if first and not info.prefilled_by:  # computed here: the engine timed it
+                    info.timings = Timings(out.queue_s, out.prefill_s, 0.0)
                 if first or out.finished:
                     cached = info.cached_prompt_tokens
                     cached = out.cached_prompt_tokens if cached is None else cached

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ class StepOutput:
     finish_reason: str | None = None
     logprobs: TokenLogprobs | None = None
     cached_prompt_tokens: int = 0  # of the prompt, reused from this engine's prefix cache
+    # Set with the first token of a prompt this engine computed: seconds it waited for its
+    # first step, and from then to its first token.
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,7 @@ class LLMEngine:
         """The reserved request's KV has landed, with the token the other worker sampled after
         it: the request queues for the running batch."""
         seq = self._seq(request_id)
+        seq.timed = True  # its prompt was timed where it was computed
         self._count_admitted(seq)
         self._scheduler.admit_reserved(seq, seq.num_tokens)
         return self._append(seq, first_token, first_logprobs)
@@ -230,6 +236,10 @@ class LLMEngine:
         scheduled = self._scheduler.schedule()
         if not scheduled:
             return []
+        now = time.monotonic()
+        for item in scheduled:
+            if item.seq.started is None:
+                item.seq.started = now
         hook = partial(on_layer_kv, scheduled) if on_layer_kv is not None else None
         logits = self.runner.run(scheduled, hook)
         samplers = [s.seq for s in scheduled if s.samples]
@@ -313,6 +323,10 @@ class LLMEngine:
         if reason is not None:
             self._scheduler.finish(seq)
             del self._seqs[seq.request_id]
+        queue_s = prefill_s = 0.0
+        if seq.started is not None and not seq.timed:
+            seq.timed = True
+            queue_s, prefill_s = seq.started - seq.arrived, time.monotonic() - seq.started
         return StepOutput(
             seq.request_id,
             (token,),
@@ -320,6 +334,8 @@ class LLMEngine:
             reason,
             lp,
             seq.num_cached_prompt_tokens or 0,
+            queue_s,
+            prefill_s,
         )
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,8 @@ class Sequence:
     deepest prefix-cache node this sequence locks (its first `cache_depth` blocks are cached).
     `num_cached_prompt_tokens` counts the prompt tokens it reused instead of computing when it
     was first admitted (None until then; a recompute after preemption does not change it).
+    `arrived` and `started` (its first step here; None for KV computed elsewhere) time its queue
+    and prefill.
     """
 
     request_id: str
@@ -44,6 +47,9 @@ class Sequence:
     cache_depth: int = 0
     num_cached_prompt_tokens: int | None = None
     counted: bool = False  # in the engine's request counters
+    arrived: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    timed: bool = False  # its queue and prefill times went out with its first token
 
     @property
     def num_tokens(self) -> int:

@@ -177,9 +177,7 @@ class PrefillService:
             return True
         self._sender.flush_all()
         for out in outputs:
-            t = self._sender.finish(
-                out.request_id, out.new_token_ids[0], out.logprobs, out.cached_prompt_tokens
-            )
+            t = self._sender.finish(out)
             # NOTE: a transfer whose reservation has not landed is answered by `prefill`.
             if t is not None and t.channel is not None:
                 self._answer_from_engine(out.request_id, PrefillResult(out.request_id, True))

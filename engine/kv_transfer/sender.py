@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pdserve.api.errors import NotFound, RemoteError, TransferFailed
-from pdserve.api.messages import ChannelAddress, PrefillRequest, ReserveReply, TokenLogprobs
+from pdserve.api.messages import ChannelAddress, PrefillRequest, ReserveReply
 from pdserve.engine.kv_pool import blocks_for
 from pdserve.engine.kv_transfer.channel import SENDER, KVChannel
 from pdserve.engine.kv_transfer.messages import (
@@ -38,6 +38,7 @@ from pdserve.engine.kv_transfer.messages import (
     TransferDone,
 )
 from pdserve.engine.kv_transfer.slots import gather_tokens, token_slots
+from pdserve.engine.llm_engine import StepOutput
 from pdserve.engine.scheduler import ScheduledSeq
 
 logger = logging.getLogger(__name__)
@@ -58,14 +59,12 @@ class Outgoing:
 
     request: PrefillRequest
     num_layers: int
-    arrived: float = field(default_factory=time.monotonic)
     transfer_id: int = -1
     channel: _Channel | None = None
     decode_cached: int = 0
     layer_sent: list[int] = field(default_factory=list)
     stash: list[KVChunk] = field(default_factory=list)
     done_msg: TransferDone | None = None
-    started: float | None = None
     first_sent_at: float | None = None
     failed: bool = False
 
@@ -153,13 +152,10 @@ class KVSender:
 
     def ship_layer(self, scheduled: list[ScheduledSeq], layer: int) -> None:
         """Runs inside the forward pass, right after `layer` wrote its KV."""
-        now = time.monotonic()
         for item in scheduled:
             t = self._transfers.get(item.seq.request_id)
             if t is None or t.failed:
                 continue
-            if t.started is None:
-                t.started = now
             # NOTE: the first chunk also covers the prompt tokens taken from this worker's own
             # prefix cache (never computed here, but possibly missing on the decode worker).
             start = max(t.layer_sent[layer], t.decode_cached)
@@ -182,27 +178,19 @@ class KVSender:
             else:
                 self._send_chunk(t, chunk)
 
-    def finish(
-        self,
-        attempt_id: str,
-        first_token: int,
-        logprobs: TokenLogprobs | None,
-        cached_prompt_tokens: int,
-    ) -> Outgoing | None:
+    def finish(self, out: StepOutput) -> Outgoing | None:
         """The first token is sampled: close the transfer (now, or once the reservation
         lands). Returns the transfer, or None if it is not this sender's."""
-        t = self._transfers.get(attempt_id)
+        t = self._transfers.get(out.request_id)
         if t is None:
             return None
-        now = time.monotonic()
-        started = t.started or now
         t.done_msg = TransferDone(
             t.transfer_id,
-            first_token,
-            logprobs,
-            cached_prompt_tokens,
-            queue_s=started - t.arrived,
-            prefill_s=now - started,
+            out.new_token_ids[0],
+            out.logprobs,
+            out.cached_prompt_tokens,
+            out.queue_s,
+            out.prefill_s,
             first_sent_at=None,
         )
         if t.channel is not None:

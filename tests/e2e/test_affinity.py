@@ -153,6 +153,7 @@ def test_a_short_new_tail_is_prefilled_on_the_decode_worker_and_a_long_one_sends
     after = wait_until_idle(affinity_cluster)
     assert (r.prefill_worker, r.decode_worker) == ("", home)
     assert r.usage.cached_prompt_tokens == held
+    assert r.timings["prefill_s"] > 0 and r.timings["transfer_s"] == 0
     computed = after[home].prompt_tokens_computed - before[home].prompt_tokens_computed
     assert computed == len(short) - held
     assert after["prefill-0"].prompt_tokens_computed == before["prefill-0"].prompt_tokens_computed
@@ -162,6 +163,7 @@ def test_a_short_new_tail_is_prefilled_on_the_decode_worker_and_a_long_one_sends
     r = client.complete(long, max_tokens=4, temperature=0)
     final = wait_until_idle(affinity_cluster)
     assert (r.prefill_worker, r.decode_worker) == ("prefill-0", home)
+    assert r.timings["prefill_s"] > 0 and r.timings["transfer_s"] > 0
     # the decode worker held `held` tokens of the prompt: exactly the rest crossed the channel
     received = final[home].kv_bytes_received - after[home].kv_bytes_received
     assert received == kv_bytes(len(long) - held)
