@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -92,7 +93,7 @@ class DecodeService:
         """Prefills a request here: the router's choice for a short uncached tail, or a report
         that its KV cannot come (a dead prefill worker, no channel). A request with a
         reservation falls back; one already being computed or decoded is left as it is."""
-        return await self._core.call(self._prefill_locally, req)
+        return await self._core.call(self._prefill_locally, req, time.monotonic())
 
     async def abort(self, attempt_id: str) -> bool:
         return await self._core.call(self._abort, attempt_id)
@@ -137,7 +138,7 @@ class DecodeService:
         self._requests[aid] = _RequestInfo(len(req.prompt_token_ids), prefilled_by=prefill_id)
         return ReserveReply(transfer_id=inc.transfer_id, cached_tokens=cached)
 
-    def _prefill_locally(self, req: PrefillRequest) -> bool:
+    def _prefill_locally(self, req: PrefillRequest, arrived: float) -> bool:
         aid = req.attempt_id
         inc = self._receiver.get(aid)
         if inc is not None:
@@ -145,7 +146,9 @@ class DecodeService:
             return True
         if self.engine.has_request(aid):
             return True
-        self.engine.add_request(aid, req.prompt_token_ids, req.params, req.output_token_ids)
+        self.engine.add_request(
+            aid, req.prompt_token_ids, req.params, req.output_token_ids, arrived
+        )
         self._requests[aid] = _RequestInfo(len(req.prompt_token_ids))
         return True
 
@@ -229,23 +232,25 @@ class DecodeService:
                 )
             )
 
-    def _flush(self) -> None:
-        """Hands the deltas and KV events so far to their streams, right after a step."""
+    def _flush(self, idle: bool = False) -> None:
+        """Hands the deltas and KV events so far to their streams, right after a step (or as
+        the worker goes `idle`)."""
         if self._outbox:
             outputs = StepOutputs(self.worker_id, tuple(self._outbox))
             self._outbox = []
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._stream.put_nowait, outputs)
-        self._events.publish()
+        self._events.publish(idle)
 
     def _step(self) -> bool:
         """One engine step if there is work. False when idle, or when waiting requests need
         blocks that transfers in flight hold: the thread then sleeps until an admission,
         release, fallback or RPC hands it work."""
-        if self._outbox or not self.engine.has_unfinished():
-            self._flush()  # what came in since the last step (a landed transfer's first token)
         if not self.engine.has_unfinished():
+            self._flush(idle=True)
             return False
+        if self._outbox:
+            self._flush()  # what came in since the last step (a landed transfer's first token)
         try:
             outputs = self.engine.step()
         except Exception as e:  # the loop must outlive a bad step, or every request hangs

@@ -56,7 +56,12 @@ class EngineThread:
         while True:
             self._wake.clear()
             self._run_inbox()
-            if not self._step():
+            try:
+                busy = self._step()
+            except Exception:  # the thread must outlive it, or every later call hangs
+                logger.exception("engine thread: a step failed")
+                busy = False
+            if not busy:
                 self._wake.wait()
 
     def _run_inbox(self) -> None:

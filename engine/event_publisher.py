@@ -45,13 +45,14 @@ class EventPublisher:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def publish(self) -> None:
+    def publish(self, idle: bool = False) -> None:
         """Sends the events since the last call, or the load alone when it changed and the
-        last batch is old enough."""
+        last batch is old enough, or the worker goes `idle` (no later call would send it)."""
         events = tuple(self._engine.drain_kv_events())
         load = self._load()
         now = time.monotonic()
-        if not events and (load == self._last_load or now - self._last_sent < LOAD_INTERVAL_S):
+        recent = now - self._last_sent < LOAD_INTERVAL_S and not idle
+        if not events and (load == self._last_load or recent):
             return
         self._append(events, load)
         self._last_load, self._last_sent = load, now

@@ -164,12 +164,16 @@ class LLMEngine:
         prompt_token_ids: Seq[int],
         params: SamplingParams,
         output_token_ids: Seq[int] = (),
+        arrived: float | None = None,
     ) -> None:
         """Queues a request. `output_token_ids` resumes one that already produced tokens: they
-        count towards `max_tokens` and penalties as output, and decoding continues after them."""
-        self._scheduler.add(
-            self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
-        )
+        count towards `max_tokens` and penalties as output, and decoding continues after them.
+        `arrived` (`time.monotonic()`, default now) is when the worker got it: its queue time
+        starts there."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
+        if arrived is not None:
+            seq.arrived = arrived
+        self._scheduler.add(seq)
 
     def reserve(
         self,

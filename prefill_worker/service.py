@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -51,6 +52,7 @@ class PrefillService:
             self.engine.block_ids,
             decode_handle,
             transfer_timeout_s,
+            post=self._core.post,
         )
         self._events = EventPublisher(worker_id, self.engine)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,14 +84,18 @@ class PrefillService:
         # NOTE: registered before the engine hears of it, so an abort that comes at any later
         # moment finds it (and reaches the engine thread after `_begin`).
         done = self._results[aid] = asyncio.get_running_loop().create_future()
+        arrived = time.monotonic()
         try:
             try:
-                t = await self._core.call(self._begin, req, first_only)
+                t = await self._core.call(self._begin, req, first_only, arrived)
             except PdserveError as e:
                 return PrefillResult(aid, False, e.grpc_code, str(e))
             if not done.done():
                 await self._reserve(t, done)
             return await done
+        except asyncio.CancelledError:
+            self._core.post(self._abort, aid)  # the caller went away: nothing may linger
+            raise
         finally:
             if self._results.get(aid) is done:
                 del self._results[aid]
@@ -120,10 +126,10 @@ class PrefillService:
         done = self._results.get(attempt_id)
         if done is None or done.done():
             return False
-        await self._core.call(self._abort, attempt_id)
-        if not done.done():
-            done.set_result(PrefillResult(attempt_id, False, "CANCELLED", "aborted"))
-        return True
+        # NOTE: answered first, so a `prefill` waking from `_begin` does not reserve; the
+        # engine thread runs `_abort` after `_begin` all the same (its inbox is FIFO).
+        done.set_result(PrefillResult(attempt_id, False, "CANCELLED", "aborted"))
+        return await self._core.call(self._abort, attempt_id)
 
     async def inject_fault(self, decode_id: str, after_messages: int) -> None:
         await self._core.call(self._sender.inject_fault, decode_id, after_messages)
@@ -149,21 +155,23 @@ class PrefillService:
 
     # --- on the engine thread ---------------------------------------------------------------
 
-    def _begin(self, req: PrefillRequest, params: SamplingParams) -> Outgoing:
-        self.engine.add_request(req.attempt_id, req.prompt_token_ids, params, req.output_token_ids)
+    def _begin(self, req: PrefillRequest, params: SamplingParams, arrived: float) -> Outgoing:
+        self.engine.add_request(
+            req.attempt_id, req.prompt_token_ids, params, req.output_token_ids, arrived
+        )
         return self._sender.begin(req)
 
     def _drop(self, t: Outgoing) -> None:
         self._sender.forget(t)
         self.engine.abort(t.request.attempt_id)
 
-    def _abort(self, attempt_id: str) -> None:
-        self.engine.abort(attempt_id)
-        self._sender.abort(attempt_id)
+    def _abort(self, attempt_id: str) -> bool:
+        aborted = self.engine.abort(attempt_id)
+        return self._sender.abort(attempt_id) is not None or aborted
 
     def _step(self) -> bool:
         if not self.engine.has_unfinished():
-            self._events.publish()
+            self._events.publish(idle=True)
             return False
         try:
             outputs = self.engine.step(self._sender.ship_layer)
@@ -183,7 +191,7 @@ class PrefillService:
                 self._answer_from_engine(out.request_id, PrefillResult(out.request_id, True))
         self._sender.keep_alive()
         self._events.publish()
-        return True
+        return bool(outputs) or self.engine.stats().running > 0
 
     def _status(self) -> WorkerStatus:
         return self.engine.stats().worker_status(

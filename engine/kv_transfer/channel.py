@@ -98,10 +98,11 @@ class KVChannel:
         return torch.tensor(values, dtype=torch.int64, device=self._device)
 
     def _isend(self, tensor: torch.Tensor) -> None:
-        if self._group is None:
+        group = self._group
+        if group is None:
             raise TransferFailed("the channel is closed")
         try:
-            work = self._group.send([tensor], self._peer, 0)
+            work = group.send([tensor], self._peer, 0)
         except RuntimeError as e:
             self.broken = True
             raise TransferFailed(f"send failed: {e}") from e

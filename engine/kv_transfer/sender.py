@@ -11,7 +11,8 @@ transfer.
 Threads: the transfers and every send belong to the prefill worker's engine thread
 (`begin`, `landed`, `ship_layer`, `finish`, `cancel`, `abort`, `flush_all`, `keep_alive`); only
 `reserve` and `connect` (channel set-up and the reservation RPC) run on the event loop. The
-channel table, which both touch, is guarded by a lock.
+channel table, which both touch, is guarded by a lock, and a channel is closed only on the
+engine thread (`post` takes it there), never under a send.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class _Channel:
     kv: KVChannel
     epoch: int
     fail_after_messages: int | None = None
+    unlinked: bool = False
 
 
 @dataclass(eq=False)
@@ -84,6 +86,7 @@ class KVSender:
         block_ids: Callable[[str], list[int]],
         decode_handle: Callable[[str], Any],
         timeout_s: float,
+        post: Callable[..., None],
     ) -> None:
         self.worker_id = worker_id
         self._kv_cache = kv_cache
@@ -91,6 +94,7 @@ class KVSender:
         self._block_ids = block_ids
         self._decode_handle = decode_handle
         self._timeout_s = timeout_s
+        self._post = post
         self._channels: dict[str, _Channel] = {}
         self._channels_lock = threading.Lock()
         self._opening: dict[str, asyncio.Task[_Channel]] = {}
@@ -128,7 +132,8 @@ class KVSender:
             reply = await decode.reserve.remote(req, self.worker_id, chan.epoch)
             if not reply.stale_channel:
                 break
-            self._drop_channel(chan)
+            self._unlink(chan)
+            self._post(chan.kv.close)
         else:
             raise TransferFailed(f"no usable KV channel to {req.decode_worker}")
         if reply.error_code:
@@ -320,23 +325,25 @@ class KVSender:
             )
         except Exception as e:  # the store or the group could not be reached
             raise TransferFailed(f"cannot join the KV channel of {decode_id}: {e}") from e
-        old = self._channels.get(decode_id)
-        if old is not None:
-            self._drop_channel(old)
         chan = _Channel(decode_id, kv, addr.epoch)
         with self._channels_lock:
+            old = self._channels.get(decode_id)
             self._channels[decode_id] = chan
+        if old is not None:
+            self._unlink(old)
+            self._post(old.kv.close)
         logger.info("KV channel to %s open (epoch %d)", decode_id, addr.epoch)
         return chan
 
-    def _drop_channel(self, chan: _Channel) -> None:
-        """Closes the channel, so a receiver blocked on it fails at once rather than at its
-        timeout; the next request to that decode worker builds a new one."""
+    def _unlink(self, chan: _Channel) -> None:
+        """Takes the channel out of the table (the next request to that decode worker builds a
+        new one); its bytes move to the closed count."""
         with self._channels_lock:
             if self._channels.get(chan.decode_id) is chan:
                 del self._channels[chan.decode_id]
+            if not chan.unlinked:
+                chan.unlinked = True
                 self._closed_bytes += chan.kv.bytes_sent
-        chan.kv.close()
 
     def _channel_failed(self, chan: _Channel, error: Exception) -> None:
         """Every transfer on a failed channel is given up; the decode worker sees the channel
@@ -345,4 +352,7 @@ class KVSender:
         for t in self._transfers.values():
             if t.channel is chan:
                 t.failed = True
-        self._drop_channel(chan)
+        self._unlink(chan)
+        # NOTE: closing makes a receiver blocked on the channel fail at once rather than at its
+        # timeout. On the engine thread: no send of this worker can be under way.
+        chan.kv.close()

@@ -51,7 +51,7 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_loop_serves_on(ti
         bad = PrefillRequest("bad", (5, 6, 7, 8), PARAMS, "decode-t")
         # NOTE: the engine thread corrupts the request right after queueing it (no step runs
         # in between): the token id is out of range, so the forward raises.
-        await svc._core.call(lambda: (svc._prefill_locally(bad), _corrupt(svc, 10**6)))
+        await svc._core.call(lambda: (svc._prefill_locally(bad, 0.0), _corrupt(svc, 10**6)))
         rid, deltas = await _next_deltas(svc)
         assert rid == "bad" and deltas["bad"][-1].finish_reason == "error"
         assert "decode step failed" in deltas["bad"][-1].error
