@@ -174,14 +174,10 @@ def run_bench(args: argparse.Namespace) -> int:
         raise SystemExit("bench: give --server HOST:PORT, --colocated --model DIR, or both")
     if args.colocated and not args.model:
         raise SystemExit("bench: --colocated needs --model DIR")
-    for name in ("rate", "num", "prompt_len", "max_tokens"):
-        if not getattr(args, name) > 0:
-            raise SystemExit(f"bench: --{name.replace('_', '-')} must be > 0")
-    try:
-        vocab_size, max_model_len = _vocab_and_context(args)
-    except grpc.RpcError as e:
-        print(f"pdserve bench: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+    limits = _checked_limits(args, ("rate", "num", "prompt_len", "max_tokens"))
+    if limits is None:
         return 1
+    vocab_size, max_model_len = limits
     if args.prompt_len + args.max_tokens > max_model_len:
         raise SystemExit(
             f"bench: prompt-len + max-tokens must fit the context of {max_model_len} tokens"
@@ -212,19 +208,29 @@ def run_bench(args: argparse.Namespace) -> int:
     )
 
 
+def _checked_limits(args: argparse.Namespace, positive: tuple[str, ...]) -> tuple[int, int] | None:
+    """Refuses a flag of `positive` that is not > 0; returns the model's (vocab size, context),
+    or None when the server could not say (the error is printed)."""
+    for name in positive:
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"bench: --{name.replace('_', '-')} must be > 0")
+    try:
+        return _vocab_and_context(args)
+    except grpc.RpcError as e:
+        print(f"pdserve bench: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return None
+
+
 def _run_multiturn(args: argparse.Namespace) -> int:
     from pdserve.cluster.bench_multiturn import MultiTurn, print_multiturn, run_multiturn
 
     if not args.server or args.colocated:
         raise SystemExit("bench: the multi-turn workload takes --server only")
-    for name in ("conversations", "turns", "concurrency", "system_len", "user_len", "max_tokens"):
-        if not getattr(args, name) > 0:
-            raise SystemExit(f"bench: --{name.replace('_', '-')} must be > 0")
-    try:
-        vocab_size, max_model_len = _vocab_and_context(args)
-    except grpc.RpcError as e:
-        print(f"pdserve bench: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+    names = ("conversations", "turns", "concurrency", "system_len", "user_len", "max_tokens")
+    limits = _checked_limits(args, names)
+    if limits is None:
         return 1
+    vocab_size, max_model_len = limits
     workload = MultiTurn(
         args.conversations,
         args.turns,
