@@ -129,9 +129,14 @@ class Placer:
         self.cache_weight = cache_weight
         self.local_prefill_max_tokens = local_prefill_max_tokens
 
+    @property
+    def aware(self) -> bool:
+        """Whether the policy places by the radix index (and so needs the prompt's hashes)."""
+        return self.policy == "cache_aware"
+
     def place(self, demand: Demand) -> Assignment:
         """Chooses the workers and charges the request to them until it is released."""
-        aware = self.policy == "cache_aware"
+        aware = self.aware
         blocks = self.index.match(demand.hashes) if aware else {}
 
         def uncached(worker: str) -> int:

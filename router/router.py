@@ -172,9 +172,11 @@ class Router:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         context = valid.context
         pins = request.placement
+        # NOTE: only cache_aware reads the index; the other policies need no hashes.
+        hashes = block_hashes(context, self.block_size, self.salt) if self._placer.aware else ()
         assignment = self._placer.place(
             Demand(
-                block_hashes(context, self.block_size, self.salt),
+                hashes,
                 len(context),
                 params.max_tokens,
                 pins.prefill_worker,
