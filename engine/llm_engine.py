@@ -30,7 +30,7 @@ from pdserve.engine.kv_pool import (
 )
 from pdserve.engine.model import CausalLM
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.parallel import SINGLE, TensorParallel
+from pdserve.engine.parallel import SINGLE, TPGroup
 from pdserve.engine.sampler import sample
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import Sequence
@@ -100,11 +100,14 @@ class LLMEngine:
     """Requests go in by id; `step()` advances them all. Another worker's KV comes in through
     `reserve` (blocks held for it), `block_ids` (where to write it) and `admit_prefilled`.
 
+    In a tensor-parallel worker every rank builds an engine over its shard; rank 0 steps it,
+    and the other ranks only `runner.follow()` rank 0's steps.
+
     NOTE: requests are validated once, at the edge (the router, or `LLM`); the engine checks
     only cheap invariants (ids in range with min/max, the length), never per token in Python.
     """
 
-    def __init__(self, config: EngineConfig, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE) -> None:
         self.config = config
         self.model_config = mc = ModelConfig.from_model_dir(config.model)
         self.dtype = resolve_dtype(config.dtype, mc)
@@ -228,6 +231,15 @@ class LLMEngine:
         for rid in ids:
             self.abort(rid)
         return ids
+
+    @property
+    def weight_bytes(self) -> int:
+        """This rank's share of the model's weights."""
+        return self.model.weight_bytes
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
 
     def has_unfinished(self) -> bool:
         return self._scheduler.has_work()
