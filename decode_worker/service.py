@@ -6,20 +6,27 @@ nothing needs a lock. KV arrives through `KVReceiver` into blocks the engine res
 counts as used). This worker
 alone decides when a request falls back to local prefill: when its transfer fails, goes silent
 or arrives incomplete, or when another part reports that it could not deliver the KV.
+
+A worker of TP size N is this service on rank 0 and N-1 `DecodeRankService`s (`ranks`, their
+Ray handles), which run every step with it and receive their own KV heads on channels of their
+own: a request whose KV comes from a prefill worker is admitted once every rank's part landed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.api.errors import PdserveError
 from pdserve.api.messages import (
     ChannelAddress,
     PrefillRequest,
+    RankStatus,
     ReserveReply,
     StepOutputs,
     Timings,
@@ -33,6 +40,7 @@ from pdserve.engine.event_publisher import EventPublisher
 from pdserve.engine.kv_transfer.messages import TransferDone
 from pdserve.engine.kv_transfer.receiver import Incoming, KVReceiver
 from pdserve.engine.llm_engine import LLMEngine, StepOutput
+from pdserve.engine.parallel import TPGroup
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +60,25 @@ class _RequestInfo:
 
 class DecodeService:
     def __init__(
-        self, worker_id: str, config: EngineConfig, host: str, transfer_timeout_s: float
+        self,
+        worker_id: str,
+        config: EngineConfig,
+        host: str,
+        transfer_timeout_s: float,
+        ranks: Sequence[Any] = (),
+        node: str = "",
     ) -> None:
         self.worker_id = worker_id
-        self.engine = LLMEngine(config)
+        self.tp = TPGroup(0, 1 + len(ranks))
+        self.engine = LLMEngine(config, self.tp)
+        self._ranks = list(ranks)
+        self._host, self._node, self._timeout_s = host, node, transfer_timeout_s
+        # On the event loop: each prefill worker's channel epochs on ranks 1..N-1.
+        self._rank_epochs: dict[str, list[int]] = {}
+        # On the engine thread: the ranks whose part of a transfer has not landed yet, and
+        # rank 0's closing message of a transfer that waits for them.
+        self._awaiting: dict[str, set[int]] = {}
+        self._landed: dict[str, tuple[TransferDone, float]] = {}
         self._core = EngineThread(f"engine-{worker_id}", self._step)
         self._receiver = KVReceiver(
             host,
@@ -75,19 +98,49 @@ class DecodeService:
         self.num_fallbacks = 0
 
     async def start(self) -> None:
+        if self._ranks:
+            store = TPGroup.host_store(self._host, self.tp.size, self._timeout_s)
+            joins = [r.join.remote(self._host, store.port) for r in self._ranks]
+            device = self.engine.device
+            await asyncio.to_thread(
+                self.tp.join, self._host, store.port, device, self._timeout_s, store
+            )
+            await asyncio.gather(*joins)
         self._loop = asyncio.get_running_loop()
         self._events.attach(self._loop)
         self._core.start()
 
     # --- the RPC surface (on the event loop; the work runs on the engine thread) ------------
 
-    async def open_channel(self, prefill_id: str) -> ChannelAddress:
-        return await self._core.call(self._receiver.open_channel, prefill_id)
+    async def open_channel(self, prefill_id: str) -> tuple[ChannelAddress, ...]:
+        """Hosts a channel for `prefill_id` on every rank; their addresses in rank order."""
+        own = await self._core.call(self._receiver.open_channel, prefill_id)
+        others = await asyncio.gather(*(r.open_channel.remote(prefill_id) for r in self._ranks))
+        self._rank_epochs[prefill_id] = [a.epoch for a in others]
+        return (own, *others)
 
     async def reserve(self, req: PrefillRequest, prefill_id: str, epoch: int) -> ReserveReply:
         """Holds blocks for a request's KV; the reply says how many leading tokens this worker
-        holds already (only the rest is sent)."""
-        return await self._core.call(self._reserve, req, prefill_id, epoch)
+        holds already (only the rest is sent). Every rank expects its part before the reply
+        goes, so no chunk can arrive unannounced."""
+        reply, block_ids = await self._core.call(self._reserve, req, prefill_id, epoch)
+        if reply.transfer_id < 0 or not self._ranks:
+            return reply
+        aid = req.attempt_id
+        num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+        epochs = self._rank_epochs.get(prefill_id, [])
+        part = (block_ids, num_tokens, reply.cached_tokens, reply.transfer_id)
+        expected = await asyncio.gather(
+            *(r.expect.remote(aid, prefill_id, e, *part) for r, e in zip(self._ranks, epochs))
+        )
+        if len(epochs) == len(self._ranks) and all(expected):
+            return reply
+        await self._core.call(self._release_attempt, aid)
+        return ReserveReply(stale_channel=True)
+
+    async def rank_landed(self, attempt_id: str, rank: int, error: str) -> None:
+        """Rank `rank`'s part of a transfer landed (`error` empty) or failed."""
+        self._core.post(self._rank_landed, attempt_id, rank, error)
 
     async def prefill_locally(self, req: PrefillRequest) -> bool:
         """Prefills a request here: the router's choice for a short uncached tail, or a report
@@ -105,7 +158,9 @@ class DecodeService:
         return self._events.stream()
 
     async def status(self) -> WorkerStatus:
-        return await self._core.call(self._status)
+        own = await self._core.call(self._status)
+        others = await asyncio.gather(*(r.status.remote() for r in self._ranks))
+        return dataclasses.replace(own, tp=self.tp.size, ranks=(*own.ranks, *others))
 
     async def stream(self) -> AsyncIterator[StepOutputs]:
         """Yields the outputs of every step; when the consumer lags, the steps that piled up
@@ -121,28 +176,33 @@ class DecodeService:
 
     # --- requests (on the engine thread) ----------------------------------------------------
 
-    def _reserve(self, req: PrefillRequest, prefill_id: str, epoch: int) -> ReserveReply:
+    def _reserve(
+        self, req: PrefillRequest, prefill_id: str, epoch: int
+    ) -> tuple[ReserveReply, list[int]]:
         if not self._receiver.channel_ok(prefill_id, epoch):
-            return ReserveReply(stale_channel=True)
+            return ReserveReply(stale_channel=True), []
         aid = req.attempt_id
         try:
             cached = self.engine.reserve(
                 aid, req.prompt_token_ids, req.params, req.output_token_ids
             )
         except PdserveError as e:
-            return ReserveReply(error_code=e.grpc_code, error=str(e))
+            return ReserveReply(error_code=e.grpc_code, error=str(e)), []
         num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
-        inc = self._receiver.expect(
-            aid, prefill_id, self.engine.block_ids(aid), num_tokens, held=cached
-        )
+        block_ids = self.engine.block_ids(aid)
+        inc = self._receiver.expect(aid, prefill_id, block_ids, num_tokens, held=cached)
         self._requests[aid] = _RequestInfo(len(req.prompt_token_ids), prefilled_by=prefill_id)
-        return ReserveReply(transfer_id=inc.transfer_id, cached_tokens=cached)
+        self._awaiting[aid] = set(range(1, self.tp.size))
+        return ReserveReply(transfer_id=inc.transfer_id, cached_tokens=cached), block_ids
 
     def _prefill_locally(self, req: PrefillRequest, arrived: float) -> bool:
         aid = req.attempt_id
         inc = self._receiver.get(aid)
         if inc is not None:
             self._fall_back(inc, "the prefill side reported a failure")
+            return True
+        if aid in self._landed:  # rank 0's part landed; another rank's never will
+            self._fall_back_closed(aid, "the prefill side reported a failure")
             return True
         if self.engine.has_request(aid):
             return True
@@ -156,8 +216,25 @@ class DecodeService:
         inc = self._receiver.get(attempt_id)
         if inc is not None:
             self._receiver.close(inc)
+        self._forget_parts(attempt_id)
         self._requests.pop(attempt_id, None)
         return self.engine.abort(attempt_id)
+
+    def _release_attempt(self, attempt_id: str) -> None:
+        inc = self._receiver.get(attempt_id)
+        if inc is not None:
+            self._release(inc)
+
+    def _forget_parts(self, attempt_id: str) -> None:
+        """The request's blocks are given up: the other ranks stop writing into them.
+
+        NOTE: their `close` is queued before the blocks can be reserved again, and Ray runs
+        one caller's calls to an actor in order, so it lands before that reservation's
+        `expect`."""
+        self._landed.pop(attempt_id, None)
+        if self._awaiting.pop(attempt_id, None) is not None:
+            for r in self._ranks:
+                r.close.remote(attempt_id)
 
     # --- transfers ending (posted by the receiver) ------------------------------------------
 
@@ -166,33 +243,53 @@ class DecodeService:
         token."""
         if not self._receiver.close(inc):
             return
+        aid = inc.attempt_id
         if not inc.complete:
-            self._fall_back_closed(inc, f"incomplete transfer (layers reached {inc.layer_end})")
+            self._fall_back_closed(aid, f"incomplete transfer (layers reached {inc.layer_end})")
             return
-        info = self._requests[inc.attempt_id]
+        self._landed[aid] = (msg, self._receiver.transfer_seconds(inc, msg))
+        self._admit_if_landed(aid)
+
+    def _rank_landed(self, attempt_id: str, rank: int, error: str) -> None:
+        waiting = self._awaiting.get(attempt_id)
+        if waiting is None:
+            return  # the request went another way already
+        if error:
+            inc = self._receiver.get(attempt_id)
+            if inc is None or self._receiver.close(inc):
+                self._fall_back_closed(attempt_id, error)
+            return
+        waiting.discard(rank)
+        self._admit_if_landed(attempt_id)
+
+    def _admit_if_landed(self, attempt_id: str) -> None:
+        """Admits the request once rank 0's part and every other rank's part have landed."""
+        if attempt_id not in self._landed or self._awaiting[attempt_id]:
+            return
+        del self._awaiting[attempt_id]
+        msg, transfer_s = self._landed.pop(attempt_id)
+        info = self._requests[attempt_id]
         info.cached_prompt_tokens = msg.cached_prompt_tokens
-        info.timings = Timings(
-            msg.queue_s, msg.prefill_s, self._receiver.transfer_seconds(inc, msg)
-        )
-        out = self.engine.admit_prefilled(inc.attempt_id, msg.first_token, msg.first_logprobs)
+        info.timings = Timings(msg.queue_s, msg.prefill_s, transfer_s)
+        out = self.engine.admit_prefilled(attempt_id, msg.first_token, msg.first_logprobs)
         self._emit([out])
 
     def _release(self, inc: Incoming) -> None:
         if self._receiver.close(inc):
+            self._forget_parts(inc.attempt_id)
             self._requests.pop(inc.attempt_id, None)
             self.engine.abort(inc.attempt_id)
 
     def _fall_back(self, inc: Incoming, reason: str) -> None:
         if self._receiver.close(inc):
-            self._fall_back_closed(inc, reason)
+            self._fall_back_closed(inc.attempt_id, reason)
 
-    def _fall_back_closed(self, inc: Incoming, reason: str) -> None:
+    def _fall_back_closed(self, attempt_id: str, reason: str) -> None:
         self.num_fallbacks += 1
-        logger.warning(
-            "attempt %s: KV transfer failed (%s); prefilling here", inc.attempt_id, reason
-        )
-        self._requests[inc.attempt_id].prefilled_by = ""
-        self.engine.fall_back(inc.attempt_id)
+        logger.warning("attempt %s: KV transfer failed (%s); prefilling here", attempt_id, reason)
+        self._forget_parts(attempt_id)
+        self._requests[attempt_id].prefilled_by = ""
+        self.engine.fall_back(attempt_id)
 
     def _fail(self, attempt_ids: list[str], error: str) -> None:
         for aid in attempt_ids:
@@ -256,7 +353,10 @@ class DecodeService:
         except Exception as e:  # the loop must outlive a bad step, or every request hangs
             logger.exception("decode step failed; ending the requests in it")
             self._receiver.close_all()  # no late KV may land in the blocks freed next
-            self._fail(self.engine.abort_all(), f"decode step failed: {e}")
+            aborted = self.engine.abort_all()
+            for aid in aborted:
+                self._forget_parts(aid)
+            self._fail(aborted, f"decode step failed: {e}")
             self._flush()
             return True
         self._emit(outputs)
@@ -264,9 +364,17 @@ class DecodeService:
         return bool(outputs) or self.engine.stats().running > 0
 
     def _status(self) -> WorkerStatus:
+        rank = RankStatus(
+            0,
+            self._node,
+            self.engine.weight_bytes,
+            self.engine.kv_cache_bytes,
+            self._receiver.bytes_received,
+        )
         return self.engine.stats().worker_status(
             self.worker_id,
             "decode",
+            rank,
             kv_blocks_received=self._receiver.blocks_received,
             kv_bytes_received=self._receiver.bytes_received,
             transfer_fallbacks=self.num_fallbacks,

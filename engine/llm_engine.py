@@ -19,7 +19,7 @@ import torch
 from pdserve.api.block_hash import model_salt
 from pdserve.api.errors import InvalidRequest, NotFound
 from pdserve.api.kv_events import BlockStored, KVEvent
-from pdserve.api.messages import TokenLogprobs, WorkerStatus
+from pdserve.api.messages import RankStatus, TokenLogprobs, WorkerStatus
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.kv_pool import (
@@ -72,12 +72,16 @@ class EngineStats:
     prompt_tokens_cached: int
     preemptions: int
 
-    def worker_status(self, worker_id: str, role: str, **transfer: int) -> WorkerStatus:
-        """What a worker reports of itself: these numbers and its KV transfer counters."""
+    def worker_status(
+        self, worker_id: str, role: str, rank: RankStatus, **transfer: int
+    ) -> WorkerStatus:
+        """What a worker's rank 0 reports of itself: these numbers, its KV transfer counters,
+        and its own rank's memory (a tensor-parallel worker adds its other ranks')."""
         return WorkerStatus(
             worker_id=worker_id,
             role=role,
             tp=1,
+            ranks=(rank,),
             running=self.running,
             waiting=self.waiting + self.reserved,
             free_blocks=self.free_blocks,
@@ -112,6 +116,7 @@ class LLMEngine:
         self.model_config = mc = ModelConfig.from_model_dir(config.model)
         self.dtype = resolve_dtype(config.dtype, mc)
         self.device = torch.device(config.device)
+        self.tp = tp
         self.model = CausalLM(mc, self.dtype, self.device, tp)
         self.model.load_weights(iter_weights(mc.path))
         kv_heads = self.model.num_kv_heads

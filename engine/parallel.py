@@ -14,6 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# NOTE: ranks other than 0 wait in a broadcast for rank 0's next step for as long as the
+# worker is idle, and a gloo operation that times out breaks the group: the group's own
+# timeout is therefore unbounded in practice; only joining it is bounded.
+_GROUP_TIMEOUT = datetime.timedelta(days=365)
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -34,17 +39,17 @@ class TPGroup:
         timeout_s: float,
         store: dist.TCPStore | None = None,
     ) -> None:
-        """Makes this process's default group the worker's ranks; blocks until all joined.
-        Rank 0 passes the store it hosts."""
-        timeout = datetime.timedelta(seconds=timeout_s)
+        """Makes this process's default group the worker's ranks; blocks (up to `timeout_s`)
+        until all joined. Rank 0 passes the store it hosts."""
         if store is None:
+            timeout = datetime.timedelta(seconds=timeout_s)
             store = dist.TCPStore(host, port, self.size, False, timeout=timeout)
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
             store=store,
             rank=self.rank,
             world_size=self.size,
-            timeout=timeout,
+            timeout=_GROUP_TIMEOUT,
         )
 
     def shard(self, total: int, what: str) -> range:

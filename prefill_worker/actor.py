@@ -27,7 +27,13 @@ class PrefillWorker:
 
         torch.set_num_threads(threads)
         self._handles: dict[str, ActorHandle] = {}
-        self._svc = PrefillService(worker_id, engine_config, transfer_timeout_s, self._decode)
+        self._svc = PrefillService(
+            worker_id,
+            engine_config,
+            transfer_timeout_s,
+            self._decode,
+            ray.get_runtime_context().get_node_id(),
+        )
 
     def _decode(self, worker_id: str) -> ActorHandle:
         handle = self._handles.get(worker_id)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pdserve.api.errors import PdserveError, TransferFailed
-from pdserve.api.messages import PrefillRequest, PrefillResult, WorkerStatus
+from pdserve.api.messages import PrefillRequest, PrefillResult, RankStatus, WorkerStatus
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_thread import EngineThread
@@ -40,14 +40,18 @@ class PrefillService:
         config: EngineConfig,
         transfer_timeout_s: float,
         decode_handle: Callable[[str], Any],
+        node: str = "",
     ) -> None:
         self.worker_id = worker_id
+        self._node = node
         self.engine = LLMEngine(config)
         self._core = EngineThread(f"engine-{worker_id}", self._step)
         self._decode_handle = decode_handle
         self._sender = KVSender(
             worker_id,
             self.engine.kv_cache,
+            self.engine.model_config.num_kv_heads,
+            self.engine.tp,
             config.block_size,
             self.engine.block_ids,
             decode_handle,
@@ -194,9 +198,17 @@ class PrefillService:
         return bool(outputs) or self.engine.stats().running > 0
 
     def _status(self) -> WorkerStatus:
+        rank = RankStatus(
+            0,
+            self._node,
+            self.engine.weight_bytes,
+            self.engine.kv_cache_bytes,
+            self._sender.bytes_sent,
+        )
         return self.engine.stats().worker_status(
             self.worker_id,
             "prefill",
+            rank,
             kv_blocks_sent=self._sender.blocks_sent,
             kv_bytes_sent=self._sender.bytes_sent,
         )

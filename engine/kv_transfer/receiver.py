@@ -123,12 +123,20 @@ class KVReceiver:
         return chan is not None and chan.epoch == epoch and chan.alive
 
     def expect(
-        self, attempt_id: str, prefill_id: str, block_ids: list[int], num_tokens: int, held: int
+        self,
+        attempt_id: str,
+        prefill_id: str,
+        block_ids: list[int],
+        num_tokens: int,
+        held: int,
+        transfer_id: int | None = None,
     ) -> Incoming:
-        """Registers a transfer into `block_ids`, whose first `held` tokens are there already."""
+        """Registers a transfer into `block_ids`, whose first `held` tokens are there already.
+        The other ranks of a tensor-parallel decode worker take rank 0's `transfer_id`."""
         chan = self._channels[prefill_id]
         layers = [held] * self._kv_cache.shape[0]
-        inc = Incoming(next(self._transfer_ids), attempt_id, chan, block_ids, num_tokens, layers)
+        tid = next(self._transfer_ids) if transfer_id is None else transfer_id
+        inc = Incoming(tid, attempt_id, chan, block_ids, num_tokens, layers)
         self._by_attempt[attempt_id] = inc
         self._by_transfer[inc.transfer_id] = inc
         with chan.cond:

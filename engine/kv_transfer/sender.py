@@ -38,8 +38,10 @@ from pdserve.engine.kv_transfer.messages import (
     TransferCancel,
     TransferDone,
 )
+from pdserve.engine.kv_transfer.routes import Route, kv_routes
 from pdserve.engine.kv_transfer.slots import gather_tokens, token_slots
 from pdserve.engine.llm_engine import StepOutput
+from pdserve.engine.parallel import TPGroup
 from pdserve.engine.scheduler import ScheduledSeq
 
 logger = logging.getLogger(__name__)
@@ -47,11 +49,42 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Channel:
+    """The channels to one decode worker: one per decode rank that this rank sends KV heads
+    to (its `Route`). A message goes on every one; a KV chunk carries only the route's heads."""
+
     decode_id: str
-    kv: KVChannel
+    links: list[tuple[Route, KVChannel]]
     epoch: int
     fail_after_messages: int | None = None
     unlinked: bool = False
+
+    @property
+    def broken(self) -> bool:
+        return any(kv.broken for _, kv in self.links)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(kv.bytes_sent for _, kv in self.links)
+
+    @property
+    def last_send(self) -> float:
+        return min(kv.last_send for _, kv in self.links)
+
+    def send(self, msg: Message) -> None:
+        for route, kv in self.links:
+            if isinstance(msg, KVChunk):
+                heads = msg.payload[:, :, route.src].contiguous()
+                kv.send(KVChunk(msg.transfer_id, msg.layer, msg.token_start, heads))
+            else:
+                kv.send(msg)
+
+    def flush(self) -> None:
+        for _, kv in self.links:
+            kv.flush()
+
+    def close(self) -> None:
+        for _, kv in self.links:
+            kv.close()
 
 
 @dataclass(eq=False)
@@ -76,12 +109,15 @@ class Outgoing:
 
 class KVSender:
     """`decode_handle(worker_id)` returns the Ray handle of a decode worker (its leader rank);
-    `block_ids(attempt_id)` the blocks of a request in the local engine."""
+    `block_ids(attempt_id)` the blocks of a request in the local engine. `num_kv_heads` is the
+    model's (all ranks'): with `tp` (this worker's ranks) it says which heads go where."""
 
     def __init__(
         self,
         worker_id: str,
         kv_cache: torch.Tensor,
+        num_kv_heads: int,
+        tp: TPGroup,
         block_size: int,
         block_ids: Callable[[str], list[int]],
         decode_handle: Callable[[str], Any],
@@ -90,6 +126,8 @@ class KVSender:
     ) -> None:
         self.worker_id = worker_id
         self._kv_cache = kv_cache
+        self._num_kv_heads = num_kv_heads
+        self._tp = tp
         self._block_size = block_size
         self._block_ids = block_ids
         self._decode_handle = decode_handle
@@ -105,7 +143,7 @@ class KVSender:
     @property
     def bytes_sent(self) -> int:
         with self._channels_lock:
-            live = sum(c.kv.bytes_sent for c in self._channels.values())
+            live = sum(c.bytes_sent for c in self._channels.values())
             return self._closed_bytes + live
 
     def begin(self, req: PrefillRequest) -> Outgoing:
@@ -133,7 +171,7 @@ class KVSender:
             if not reply.stale_channel:
                 break
             self._unlink(chan)
-            self._post(chan.kv.close)
+            self._post(chan.close)
         else:
             raise TransferFailed(f"no usable KV channel to {req.decode_worker}")
         if reply.error_code:
@@ -255,12 +293,12 @@ class KVSender:
         now = time.monotonic()
         live = {id(t.channel): t.channel for t in self._transfers.values() if t.channel}
         for chan in live.values():
-            fresh = now - chan.kv.last_send <= self._timeout_s / 4
+            fresh = now - chan.last_send <= self._timeout_s / 4
             if fresh or self._channels.get(chan.decode_id) is not chan:
                 continue
             try:
-                chan.kv.send(KeepAlive())
-                chan.kv.flush()
+                chan.send(KeepAlive())
+                chan.flush()
             except TransferFailed as e:
                 self._channel_failed(chan, e)
 
@@ -290,19 +328,19 @@ class KVSender:
                 if chan.fail_after_messages <= 0:
                     raise TransferFailed("channel closed by an injected fault")
                 chan.fail_after_messages -= 1
-            chan.kv.send(msg)
+            chan.send(msg)
         except TransferFailed as e:
             self._channel_failed(chan, e)
 
     def _flush(self, chan: _Channel) -> None:
         try:
-            chan.kv.flush()
+            chan.flush()
         except TransferFailed as e:
             self._channel_failed(chan, e)
 
     async def _channel(self, decode_id: str) -> _Channel:
         chan = self._channels.get(decode_id)
-        if chan is not None and not chan.kv.broken:
+        if chan is not None and not chan.broken:
             return chan
         task = self._opening.get(decode_id)
         if task is None:
@@ -315,24 +353,38 @@ class KVSender:
                 self._opening.pop(decode_id, None)
 
     async def _open(self, decode_id: str) -> _Channel:
-        addr: ChannelAddress = await self._decode_handle(decode_id).open_channel.remote(
-            self.worker_id
+        """Joins the channel that each rank of the decode worker hosts for this worker (the
+        ranks' addresses come in rank order)."""
+        addrs: tuple[ChannelAddress, ...] = await self._decode_handle(
+            decode_id
+        ).open_channel.remote(self.worker_id)
+        routes = [
+            r
+            for r in kv_routes(self._num_kv_heads, self._tp.size, len(addrs))
+            if r.prefill_rank == self._tp.rank
+        ]
+        device, timeout = self._kv_cache.device, self._timeout_s
+        joined = await asyncio.gather(
+            *(
+                asyncio.to_thread(KVChannel.join, a.host, a.port, SENDER, device, timeout)
+                for a in (addrs[r.decode_rank] for r in routes)
+            ),
+            return_exceptions=True,
         )
-        device = self._kv_cache.device
-        try:
-            kv = await asyncio.to_thread(
-                KVChannel.join, addr.host, addr.port, SENDER, device, self._timeout_s
-            )
-        except Exception as e:  # the store or the group could not be reached
+        kvs = [j for j in joined if isinstance(j, KVChannel)]
+        if len(kvs) < len(joined):  # a store or a group could not be reached
+            for kv in kvs:
+                kv.close()
+            e = next(j for j in joined if isinstance(j, BaseException))
             raise TransferFailed(f"cannot join the KV channel of {decode_id}: {e}") from e
-        chan = _Channel(decode_id, kv, addr.epoch)
+        chan = _Channel(decode_id, list(zip(routes, kvs)), addrs[0].epoch)
         with self._channels_lock:
             old = self._channels.get(decode_id)
             self._channels[decode_id] = chan
         if old is not None:
             self._unlink(old)
-            self._post(old.kv.close)
-        logger.info("KV channel to %s open (epoch %d)", decode_id, addr.epoch)
+            self._post(old.close)
+        logger.info("KV channel to %s open (epoch %d)", decode_id, chan.epoch)
         return chan
 
     def _unlink(self, chan: _Channel) -> None:
@@ -343,7 +395,7 @@ class KVSender:
                 del self._channels[chan.decode_id]
             if not chan.unlinked:
                 chan.unlinked = True
-                self._closed_bytes += chan.kv.bytes_sent
+                self._closed_bytes += chan.bytes_sent
 
     def _channel_failed(self, chan: _Channel, error: Exception) -> None:
         """Every transfer on a failed channel is given up; the decode worker sees the channel
@@ -355,4 +407,4 @@ class KVSender:
         self._unlink(chan)
         # NOTE: closing makes a receiver blocked on the channel fail at once rather than at its
         # timeout. On the engine thread: no send of this worker can be under way.
-        chan.kv.close()
+        chan.close()
