@@ -233,7 +233,21 @@ def format_workers(workers) -> str:
     for w in workers:
         row = line(value(w) for _, _, value in WORKER_COLUMNS)
         lines.append(row + (f"  error: {w.error}" if w.error else ""))
+        lines += [_rank_line(w.role, r) for r in w.ranks]
     return "\n".join(lines)
+
+
+def _rank_line(role: str, r) -> str:
+    """A tensor-parallel rank (`RankInfo`) under its worker: node, memory, KV moved."""
+    moved = "recv" if role == "decode" else "sent"
+    return (
+        f"  rank {r.rank}  node {r.node[:12]}  weights {_mib(r.weight_bytes)}"
+        f"  kv cache {_mib(r.kv_cache_bytes)}  kv {moved} {_mib(r.kv_bytes)}"
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

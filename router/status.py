@@ -59,4 +59,14 @@ def _info(status: WorkerStatus, worker_id: str, role: str, error: str) -> pb.Wor
         prompt_tokens_cached=status.prompt_tokens_cached,
         kv_blocks_received=status.kv_blocks_received,
         kv_blocks_sent=status.kv_blocks_sent,
+        ranks=[
+            pb.RankInfo(
+                rank=r.rank,
+                node=r.node,
+                weight_bytes=r.weight_bytes,
+                kv_cache_bytes=r.kv_cache_bytes,
+                kv_bytes=r.kv_bytes,
+            )
+            for r in status.ranks
+        ],
     )

@@ -71,8 +71,10 @@ def _received(statuses) -> list[int]:
     return [r.kv_bytes for r in statuses["decode-0"].ranks]
 
 
-def test_workers_run_on_their_nodes_and_decode_ranks_hold_half_the_weights(nodes):
+def test_workers_run_on_their_nodes_and_decode_ranks_hold_half_the_weights(nodes, client):
     import ray
+
+    from pdserve.cluster.cli import format_workers
 
     statuses = wait_until_idle(nodes)
     prefill, decode = statuses["prefill-0"], statuses["decode-0"]
@@ -84,6 +86,8 @@ def test_workers_run_on_their_nodes_and_decode_ranks_hold_half_the_weights(nodes
     for r in decode.ranks:
         assert r.weight_bytes == pytest.approx(prefill.ranks[0].weight_bytes / 2, rel=0.1)
         assert r.kv_cache_bytes == decode.ranks[0].kv_cache_bytes
+    table = format_workers(client.status().workers)  # what `pdserve status` prints
+    assert table.count("  rank 1  node ") == 1 and table.count("  rank 0  node ") == 2
 
 
 def test_requests_cross_nodes_and_match_transformers(nodes, client, tiny_llama_dir):
