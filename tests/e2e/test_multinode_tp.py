@@ -122,3 +122,32 @@ def test_each_decode_rank_receives_exactly_its_heads_of_the_missing_blocks(
         assert f - a == _rank_kv_bytes(len(prompt) - held)
     sent = final["prefill-0"].kv_bytes_sent - after["prefill-0"].kv_bytes_sent
     assert sent == 2 * _rank_kv_bytes(len(prompt) - held)
+
+
+def test_a_broken_channel_falls_back_to_a_tp_prefill_on_the_decode_worker(
+    nodes, client, tiny_llama_dir
+):
+    import ray
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    client.complete([9, 8, 7], max_tokens=1, temperature=0)  # the channels exist
+    prompt = _tokens(90, 12)
+    ray.get(nodes.workers.prefill["prefill-0"].inject_fault.remote("decode-0", 3))
+    before = wait_until_idle(nodes)["decode-0"]
+    broken = client.complete(prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    assert broken.token_ids == hf_greedy(hf, prompt, MAX_TOKENS)
+    middle = wait_until_idle(nodes)
+    assert middle["decode-0"].transfer_fallbacks == before.transfer_fallbacks + 1
+    computed = middle["decode-0"].prompt_tokens_computed - before.prompt_tokens_computed
+    assert computed == len(prompt)
+
+    # the rebuilt channels carry the next request's KV to both ranks
+    prompt = _tokens(50, 13)
+    r = client.complete(prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    assert r.prefill_worker == "prefill-0"
+    assert r.token_ids == hf_greedy(hf, prompt, MAX_TOKENS)
+    final = wait_until_idle(nodes)
+    for m, f in zip(_received(middle), _received(final)):
+        assert f - m == _rank_kv_bytes(len(prompt))
+    for s in final.values():
+        assert s.free_blocks == s.total_blocks
