@@ -15,7 +15,6 @@ own: a request whose KV comes from a prefill worker is admitted once every rank'
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -130,9 +129,13 @@ class DecodeService:
         num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
         epochs = self._rank_epochs.get(prefill_id, [])
         part = (block_ids, num_tokens, reply.cached_tokens, reply.transfer_id)
-        expected = await asyncio.gather(
-            *(r.expect.remote(aid, prefill_id, e, *part) for r, e in zip(self._ranks, epochs))
-        )
+        try:
+            expected = await asyncio.gather(
+                *(r.expect.remote(aid, prefill_id, e, *part) for r, e in zip(self._ranks, epochs))
+            )
+        except Exception:  # a rank is gone: the reservation must not outlive the call
+            await self._core.call(self._release_attempt, aid)
+            raise
         if len(epochs) == len(self._ranks) and all(expected):
             return reply
         await self._core.call(self._release_attempt, aid)
@@ -158,9 +161,8 @@ class DecodeService:
         return self._events.stream()
 
     async def status(self) -> WorkerStatus:
-        own = await self._core.call(self._status)
         others = await asyncio.gather(*(r.status.remote() for r in self._ranks))
-        return dataclasses.replace(own, tp=self.tp.size, ranks=(*own.ranks, *others))
+        return await self._core.call(self._status, tuple(others))
 
     async def stream(self) -> AsyncIterator[StepOutputs]:
         """Yields the outputs of every step; when the consumer lags, the steps that piled up
@@ -363,7 +365,7 @@ class DecodeService:
         self._flush()
         return bool(outputs) or self.engine.stats().running > 0
 
-    def _status(self) -> WorkerStatus:
+    def _status(self, others: tuple[RankStatus, ...]) -> WorkerStatus:
         rank = RankStatus(
             0,
             self._node,
@@ -374,7 +376,7 @@ class DecodeService:
         return self.engine.stats().worker_status(
             self.worker_id,
             "decode",
-            rank,
+            (rank, *others),
             kv_blocks_received=self._receiver.blocks_received,
             kv_bytes_received=self._receiver.bytes_received,
             transfer_fallbacks=self.num_fallbacks,

@@ -73,15 +73,15 @@ class EngineStats:
     preemptions: int
 
     def worker_status(
-        self, worker_id: str, role: str, rank: RankStatus, **transfer: int
+        self, worker_id: str, role: str, ranks: tuple[RankStatus, ...], **transfer: int
     ) -> WorkerStatus:
-        """What a worker's rank 0 reports of itself: these numbers, its KV transfer counters,
-        and its own rank's memory (a tensor-parallel worker adds its other ranks')."""
+        """What a worker reports of itself: these numbers (rank 0's), its KV transfer counters,
+        and each of its tensor-parallel ranks."""
         return WorkerStatus(
             worker_id=worker_id,
             role=role,
-            tp=1,
-            ranks=(rank,),
+            tp=len(ranks),
+            ranks=ranks,
             running=self.running,
             waiting=self.waiting + self.reserved,
             free_blocks=self.free_blocks,

@@ -208,7 +208,7 @@ class PrefillService:
         return self.engine.stats().worker_status(
             self.worker_id,
             "prefill",
-            rank,
+            (rank,),
             kv_blocks_sent=self._sender.blocks_sent,
             kv_bytes_sent=self._sender.bytes_sent,
         )
