@@ -232,7 +232,11 @@ class DecodeService:
 
         NOTE: their `close` is queued before the blocks can be reserved again, and Ray runs
         one caller's calls to an actor in order, so it lands before that reservation's
-        `expect`."""
+        `expect`. A block that this worker's own prefill takes over is written by a step that
+        another rank may run before its `close` lands; a chunk still arriving for the old
+        transfer could then overwrite it. That needs a prefill worker still sending after this
+        worker gave the transfer up (an abort, or rank 0's part failing first), and is not
+        guarded against yet."""
         self._landed.pop(attempt_id, None)
         if self._awaiting.pop(attempt_id, None) is not None:
             for r in self._ranks:
