@@ -1,17 +1,19 @@
 """A simulated multi-node Ray cluster on loopback (`ray.cluster_utils.Cluster`): the router on
 the head node, a prefill worker on a node with the `prefill` resource, a decode worker of TP
 size 2 on a node with `decode`. Requests cross nodes, match transformers, and each decode rank
-receives exactly its own KV heads of the blocks it lacked."""
+receives exactly its own KV heads of the blocks it lacked: one of the tiny Llama's 2 KV heads
+each, or the whole of a 1-KV-head model's replicated head."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from cluster_helpers import DTYPE_BYTES, HEAD_DIM, KV_HEADS, LAYERS, wait_until_idle
+from cluster_helpers import DTYPE_BYTES, HEAD_DIM, LAYERS, wait_until_idle
 from engine_helpers import hf_greedy
 from transformers import AutoModelForCausalLM
 
 from pdserve.cluster.config import config_from_dict
+from pdserve.engine.config import ModelConfig
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +21,18 @@ BS = 16
 MAX_TOKENS = 12
 
 
+@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_mqa_dir"])
+def model_dir(request):
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture(scope="module")
-def nodes(tiny_llama_dir):
+def hf(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def nodes(model_dir):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -33,7 +45,7 @@ def nodes(tiny_llama_dir):
     sim.add_node(num_cpus=0, resources={"decode": 2})
     config = config_from_dict(
         {
-            "model": str(tiny_llama_dir),
+            "model": str(model_dir),
             "dtype": "float32",
             "kv_cache": {"num_blocks": 128},
             "decode": {"tp": 2},
@@ -62,9 +74,11 @@ def _tokens(n: int, seed: int) -> list[int]:
     return torch.randint(3, 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _rank_kv_bytes(num_tokens: int) -> int:
-    """What one of 2 decode ranks receives for `num_tokens`: its 1 of the 2 KV heads."""
-    return LAYERS * 2 * (KV_HEADS // 2) * HEAD_DIM * num_tokens * DTYPE_BYTES
+def _rank_kv_bytes(model_dir, num_tokens: int) -> int:
+    """What one of 2 decode ranks receives for `num_tokens`: its half of the KV heads, or the
+    one head that both ranks hold."""
+    heads = max(1, ModelConfig.from_model_dir(model_dir).num_kv_heads // 2)
+    return LAYERS * 2 * heads * HEAD_DIM * num_tokens * DTYPE_BYTES
 
 
 def _received(statuses) -> list[int]:
@@ -90,8 +104,7 @@ def test_workers_run_on_their_nodes_and_decode_ranks_hold_half_the_weights(nodes
     assert table.count("  rank 1  node ") == 1 and table.count("  rank 0  node ") == 2
 
 
-def test_requests_cross_nodes_and_match_transformers(nodes, client, tiny_llama_dir):
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+def test_requests_cross_nodes_and_match_transformers(nodes, client, hf):
     for i, n in enumerate((5, 37, 120)):
         prompt = _tokens(n, i)
         r = client.complete(prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
@@ -100,15 +113,14 @@ def test_requests_cross_nodes_and_match_transformers(nodes, client, tiny_llama_d
 
 
 def test_each_decode_rank_receives_exactly_its_heads_of_the_missing_blocks(
-    nodes, client, tiny_llama_dir
+    nodes, client, hf, model_dir
 ):
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     first_prompt = _tokens(70, 10)
     before = wait_until_idle(nodes)
     first = client.complete(first_prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     after = wait_until_idle(nodes)
     for b, a in zip(_received(before), _received(after)):
-        assert a - b == _rank_kv_bytes(len(first_prompt))
+        assert a - b == _rank_kv_bytes(model_dir, len(first_prompt))
 
     # the next turn: the decode worker holds the first turn's full blocks; only the rest moves
     history = first.prompt_token_ids + first.token_ids
@@ -119,17 +131,16 @@ def test_each_decode_rank_receives_exactly_its_heads_of_the_missing_blocks(
     assert (r.prefill_worker, r.decode_worker) == ("prefill-0", "decode-0")
     assert r.token_ids == hf_greedy(hf, prompt, MAX_TOKENS)
     for a, f in zip(_received(after), _received(final)):
-        assert f - a == _rank_kv_bytes(len(prompt) - held)
+        assert f - a == _rank_kv_bytes(model_dir, len(prompt) - held)
     sent = final["prefill-0"].kv_bytes_sent - after["prefill-0"].kv_bytes_sent
-    assert sent == 2 * _rank_kv_bytes(len(prompt) - held)
+    assert sent == 2 * _rank_kv_bytes(model_dir, len(prompt) - held)
 
 
 def test_a_broken_channel_falls_back_to_a_tp_prefill_on_the_decode_worker(
-    nodes, client, tiny_llama_dir
+    nodes, client, hf, model_dir
 ):
     import ray
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     client.complete([9, 8, 7], max_tokens=1, temperature=0)  # the channels exist
     prompt = _tokens(90, 12)
     ray.get(nodes.workers.prefill["prefill-0"].inject_fault.remote("decode-0", 3))
@@ -148,6 +159,6 @@ def test_a_broken_channel_falls_back_to_a_tp_prefill_on_the_decode_worker(
     assert r.token_ids == hf_greedy(hf, prompt, MAX_TOKENS)
     final = wait_until_idle(nodes)
     for m, f in zip(_received(middle), _received(final)):
-        assert f - m == _rank_kv_bytes(len(prompt))
+        assert f - m == _rank_kv_bytes(model_dir, len(prompt))
     for s in final.values():
         assert s.free_blocks == s.total_blocks

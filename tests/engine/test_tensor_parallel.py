@@ -11,14 +11,6 @@ from transformers import AutoModelForCausalLM
 MAX_TOKENS = GREEDY.max_tokens
 
 
-@pytest.fixture(scope="module")
-def tiny_mqa_dir(tmp_path_factory):
-    """One KV head for 4 query heads: at TP 2 both ranks hold (replicate) the KV head."""
-    from pdserve.cluster.tiny_model import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-mqa"), num_kv_heads=1)
-
-
 @pytest.fixture(params=["tiny_llama_dir", "tiny_qwen2_dir", "tiny_mqa_dir"])
 def model_dir(request):
     """Split KV heads (Llama: 2 over 2 ranks; Qwen2: 4, with q/k/v bias and tied embeddings)
