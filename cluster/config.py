@@ -111,11 +111,6 @@ class ClusterConfig:
             part = getattr(self, role)
             _check(part.workers >= 1, f"{role}.workers", "must be >= 1")
             _check(part.tp >= 1, f"{role}.tp", "must be >= 1")
-        _check(
-            self.prefill.tp == 1,
-            "prefill.tp",
-            "only 1 is supported: prefill workers are not tensor-parallel yet",
-        )
         for key in (
             "prefill.token_budget",
             "prefill.max_num_seqs",

@@ -104,6 +104,7 @@ def _start_gang(config: ClusterConfig, role: str, wid: str, workers: Workers) ->
     from pdserve.decode_worker.actor import DecodeWorker
     from pdserve.decode_worker.rank import DecodeRank
     from pdserve.prefill_worker.actor import PrefillWorker
+    from pdserve.prefill_worker.rank import PrefillRank
 
     tp = getattr(config, role).tp
     gpus = 1 if config.device.startswith("cuda") else 0
@@ -117,15 +118,15 @@ def _start_gang(config: ClusterConfig, role: str, wid: str, workers: Workers) ->
 
     engine_config = _engine_config(config, role)
     args = (engine_config, config.kv_transfer.timeout_s, config.threads_per_worker)
+    leader_cls, rank_cls = (
+        (DecodeWorker, DecodeRank) if role == "decode" else (PrefillWorker, PrefillRank)
+    )
     ranks = [
-        ray.remote(DecodeRank).options(**on_bundle(r)).remote(wid, r, tp, *args)
-        for r in range(1, tp)
+        ray.remote(rank_cls).options(**on_bundle(r)).remote(wid, r, tp, *args) for r in range(1, tp)
     ]
     workers.ranks += ranks
     named = dict(name=actor_name(wid), namespace=NAMESPACE, **on_bundle(0))
-    if role == "decode":
-        return ray.remote(DecodeWorker).options(**named).remote(wid, *args, ranks)
-    return ray.remote(PrefillWorker).options(**named).remote(wid, *args)
+    return ray.remote(leader_cls).options(**named).remote(wid, *args, ranks)
 
 
 def launch_workers(config: ClusterConfig) -> Workers:

@@ -59,11 +59,13 @@ class DecodeWorker:
         await self._svc.start()
         return self._svc.engine.max_model_len
 
-    async def open_channel(self, prefill_id: str) -> tuple[ChannelAddress, ...]:
-        return await self._svc.open_channel(prefill_id)
+    async def open_channel(
+        self, prefill_id: str, prefill_tp: int
+    ) -> tuple[tuple[int, int, ChannelAddress], ...]:
+        return await self._svc.open_channel(prefill_id, prefill_tp)
 
-    async def rank_landed(self, attempt_id: str, rank: int, error: str) -> None:
-        await self._svc.rank_landed(attempt_id, rank, error)
+    async def rank_landed(self, attempt_id: str, rank: int, source: int, error: str) -> None:
+        await self._svc.rank_landed(attempt_id, rank, source, error)
 
     async def reserve(self, req: PrefillRequest, prefill_id: str, epoch: int) -> ReserveReply:
         return await self._svc.reserve(req, prefill_id, epoch)

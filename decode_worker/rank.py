@@ -51,21 +51,23 @@ class DecodeRank:
     async def join(self, host: str, port: int) -> None:
         await self._svc.join(host, port)
 
-    async def open_channel(self, prefill_id: str) -> ChannelAddress:
-        return self._svc.open_channel(prefill_id)
+    async def open_channel(
+        self, prefill_id: str, sources: list[tuple[int, slice]]
+    ) -> list[tuple[int, ChannelAddress]]:
+        return self._svc.open_channel(prefill_id, sources)
 
     async def expect(
         self,
         attempt_id: str,
         prefill_id: str,
-        epoch: int,
+        parts: list[tuple[int, int]],
         block_ids: list[int],
         num_tokens: int,
         held: int,
         transfer_id: int,
     ) -> bool:
         return self._svc.expect(
-            attempt_id, prefill_id, epoch, block_ids, num_tokens, held, transfer_id
+            attempt_id, prefill_id, parts, block_ids, num_tokens, held, transfer_id
         )
 
     async def close(self, attempt_id: str) -> None:

@@ -2,10 +2,11 @@
 
 It runs its shard of every step that rank 0 broadcasts (on a thread of its own, blocked in
 the broadcast between steps), and receives exactly its KV heads from prefill workers on
-channels of its own. Rank 0 decides everything about a request: this rank registers the
-transfers rank 0 tells it of (`expect`, with rank 0's block ids: every rank's pool mirrors rank
-0's, since only rank 0 allocates), and tells rank 0 when its part has landed or failed. The
-receiver's callbacks and every RPC run on the actor's event loop.
+channels of its own: one receiver per prefill rank that holds some of its heads. Rank 0
+decides everything about a request: this rank registers the transfers rank 0 tells it of
+(`expect`, with rank 0's block ids: every rank's pool mirrors rank 0's, since only rank 0
+allocates), and tells rank 0 when each of its parts has landed or failed. The receivers'
+callbacks and every RPC run on the actor's event loop.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from pdserve.api.messages import ChannelAddress, RankStatus
@@ -40,20 +42,12 @@ class DecodeRankService:
     ) -> None:
         self.tp = tp
         self.engine = LLMEngine(config, tp)
-        self._node = node
+        self._host, self._node = host, node
+        self._block_size = config.block_size
         self._timeout_s = transfer_timeout_s
         self._leader = leader
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._receiver = KVReceiver(
-            host,
-            self.engine.kv_cache,
-            config.block_size,
-            transfer_timeout_s,
-            post=self._post,
-            on_done=self._landed,
-            on_cancel=self._receiver_close,
-            on_failed=self._failed,
-        )
+        self._receivers: dict[int, KVReceiver] = {}  # by prefill rank
 
     async def join(self, host: str, port: int) -> None:
         """Joins the worker's group (rank 0 hosts it) and starts following its steps."""
@@ -61,31 +55,40 @@ class DecodeRankService:
         await asyncio.to_thread(self.tp.join, host, port, self.engine.device, self._timeout_s)
         threading.Thread(target=self._follow, daemon=True, name="tp-follow").start()
 
-    def open_channel(self, prefill_id: str) -> ChannelAddress:
-        return self._receiver.open_channel(prefill_id)
+    def open_channel(
+        self, prefill_id: str, sources: list[tuple[int, slice]]
+    ) -> list[tuple[int, ChannelAddress]]:
+        """Hosts a channel from each of the prefill worker's ranks `sources` (with the local
+        heads each carries)."""
+        return [(p, self._receiver(p).open_channel(prefill_id, heads)) for p, heads in sources]
 
     def expect(
         self,
         attempt_id: str,
         prefill_id: str,
-        epoch: int,
+        parts: list[tuple[int, int]],
         block_ids: list[int],
         num_tokens: int,
         held: int,
         transfer_id: int,
     ) -> bool:
-        """Registers this rank's part of a transfer; False when its channel from that prefill
-        worker is not the live one of `epoch` (rank 0 then has the channels rebuilt)."""
-        if not self._receiver.channel_ok(prefill_id, epoch):
+        """Registers this rank's parts of a transfer, one per (prefill rank, epoch of its
+        channel); False when a channel is not the live one of that epoch (rank 0 then has the
+        channels rebuilt)."""
+        if not all(self._receiver(p).channel_ok(prefill_id, e) for p, e in parts):
             return False
-        self._receiver.expect(attempt_id, prefill_id, block_ids, num_tokens, held, transfer_id)
+        for p, _ in parts:
+            self._receivers[p].expect(
+                attempt_id, prefill_id, block_ids, num_tokens, held, transfer_id
+            )
         return True
 
     def close(self, attempt_id: str) -> None:
         """Rank 0 gave the request's blocks up (abort, fallback): no more writes into them."""
-        inc = self._receiver.get(attempt_id)
-        if inc is not None:
-            self._receiver.close(inc)
+        for receiver in self._receivers.values():
+            inc = receiver.get(attempt_id)
+            if inc is not None:
+                receiver.close(inc)
 
     def status(self) -> RankStatus:
         return RankStatus(
@@ -93,8 +96,23 @@ class DecodeRankService:
             self._node,
             self.engine.weight_bytes,
             self.engine.kv_cache_bytes,
-            self._receiver.bytes_received,
+            sum(r.bytes_received for r in self._receivers.values()),
         )
+
+    def _receiver(self, p: int) -> KVReceiver:
+        receiver = self._receivers.get(p)
+        if receiver is None:
+            receiver = self._receivers[p] = KVReceiver(
+                self._host,
+                self.engine.kv_cache,
+                self._block_size,
+                self._timeout_s,
+                post=self._post,
+                on_done=partial(self._landed, p),
+                on_cancel=partial(self._cancelled, p),
+                on_failed=partial(self._failed, p),
+            )
+        return receiver
 
     def _follow(self) -> None:
         try:
@@ -107,14 +125,14 @@ class DecodeRankService:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(fn, *args)
 
-    def _landed(self, inc: Incoming, msg: TransferDone) -> None:
-        if self._receiver.close(inc):
+    def _landed(self, p: int, inc: Incoming, msg: TransferDone) -> None:
+        if self._receivers[p].close(inc):
             error = "" if inc.complete else f"rank {self.tp.rank}: incomplete transfer"
-            self._leader().rank_landed.remote(inc.attempt_id, self.tp.rank, error)
+            self._leader().rank_landed.remote(inc.attempt_id, self.tp.rank, p, error)
 
-    def _receiver_close(self, inc: Incoming) -> None:
-        self._receiver.close(inc)  # rank 0 hears the cancel on its own channel
+    def _cancelled(self, p: int, inc: Incoming) -> None:
+        self._receivers[p].close(inc)  # rank 0 hears the cancel on its own channel
 
-    def _failed(self, inc: Incoming, reason: str) -> None:
-        if self._receiver.close(inc):
-            self._leader().rank_landed.remote(inc.attempt_id, self.tp.rank, reason)
+    def _failed(self, p: int, inc: Incoming, reason: str) -> None:
+        if self._receivers[p].close(inc):
+            self._leader().rank_landed.remote(inc.attempt_id, self.tp.rank, p, reason)

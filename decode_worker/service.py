@@ -9,7 +9,10 @@ or arrives incomplete, or when another part reports that it could not deliver th
 
 A worker of TP size N is this service on rank 0 and N-1 `DecodeRankService`s (`ranks`, their
 Ray handles), which run every step with it and receive their own KV heads on channels of their
-own: a request whose KV comes from a prefill worker is admitted once every rank's part landed.
+own. A rank receives from each prefill rank that holds some of its heads (`kv_routes`); each
+such (decode rank, prefill rank) pair is a *part* of a transfer, and a request is admitted once
+every part landed. Rank 0's part from prefill rank 0 is the main one: it always exists (both
+hold KV head 0), and its receiver decides cancels and fallbacks as with one rank.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from pdserve.api.errors import PdserveError
@@ -38,8 +42,9 @@ from pdserve.engine.engine_thread import EngineThread
 from pdserve.engine.event_publisher import EventPublisher
 from pdserve.engine.kv_transfer.messages import TransferDone
 from pdserve.engine.kv_transfer.receiver import Incoming, KVReceiver
+from pdserve.engine.kv_transfer.routes import Route, kv_routes
 from pdserve.engine.llm_engine import LLMEngine, StepOutput
-from pdserve.engine.parallel import TPGroup
+from pdserve.engine.parallel import TPGroup, lead
 
 logger = logging.getLogger(__name__)
 
@@ -72,23 +77,18 @@ class DecodeService:
         self.engine = LLMEngine(config, self.tp)
         self._ranks = list(ranks)
         self._host, self._node, self._timeout_s = host, node, transfer_timeout_s
-        # On the event loop: each prefill worker's channel epochs on ranks 1..N-1.
-        self._rank_epochs: dict[str, list[int]] = {}
-        # On the engine thread: the ranks whose part of a transfer has not landed yet, and
-        # rank 0's closing message of a transfer that waits for them.
-        self._awaiting: dict[str, set[int]] = {}
+        self._block_size = config.block_size
+        # Set on the event loop when a prefill worker opens its channels: its routes, and the
+        # epoch of each part's channel, by (decode rank, prefill rank).
+        self._routes: dict[str, list[Route]] = {}
+        self._epochs: dict[str, dict[tuple[int, int], int]] = {}
+        # On the engine thread: the parts of a transfer that have not landed yet, and the main
+        # part's closing message while the others are awaited.
+        self._awaiting: dict[str, set[tuple[int, int]]] = {}
         self._landed: dict[str, tuple[TransferDone, float]] = {}
         self._core = EngineThread(f"engine-{worker_id}", self._step)
-        self._receiver = KVReceiver(
-            host,
-            self.engine.kv_cache,
-            config.block_size,
-            transfer_timeout_s,
-            post=self._core.post,
-            on_done=self._admit,
-            on_cancel=self._release,
-            on_failed=self._fall_back,
-        )
+        self._receiver = self._new_receiver(self._admit, self._release, self._fall_back)
+        self._extra: dict[int, KVReceiver] = {}  # from prefill ranks > 0, by prefill rank
         self._events = EventPublisher(worker_id, self.engine)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: asyncio.Queue[StepOutputs] = asyncio.Queue()
@@ -97,26 +97,32 @@ class DecodeService:
         self.num_fallbacks = 0
 
     async def start(self) -> None:
-        if self._ranks:
-            store = TPGroup.host_store(self._host, self.tp.size, self._timeout_s)
-            joins = [r.join.remote(self._host, store.port) for r in self._ranks]
-            device = self.engine.device
-            await asyncio.to_thread(
-                self.tp.join, self._host, store.port, device, self._timeout_s, store
-            )
-            await asyncio.gather(*joins)
+        await lead(self.tp, self._ranks, self._host, self.engine.device, self._timeout_s)
         self._loop = asyncio.get_running_loop()
         self._events.attach(self._loop)
         self._core.start()
 
     # --- the RPC surface (on the event loop; the work runs on the engine thread) ------------
 
-    async def open_channel(self, prefill_id: str) -> tuple[ChannelAddress, ...]:
-        """Hosts a channel for `prefill_id` on every rank; their addresses in rank order."""
-        own = await self._core.call(self._receiver.open_channel, prefill_id)
-        others = await asyncio.gather(*(r.open_channel.remote(prefill_id) for r in self._ranks))
-        self._rank_epochs[prefill_id] = [a.epoch for a in others]
-        return (own, *others)
+    async def open_channel(
+        self, prefill_id: str, prefill_tp: int
+    ) -> tuple[tuple[int, int, ChannelAddress], ...]:
+        """Hosts the channels of a prefill worker of TP size `prefill_tp`, one per route, on the
+        ranks they end at; returns (prefill rank, decode rank, address) of each."""
+        routes = kv_routes(self.engine.model_config.num_kv_heads, prefill_tp, self.tp.size)
+
+        def sources(d: int) -> list[tuple[int, slice]]:
+            return [(r.prefill_rank, r.dst) for r in routes if r.decode_rank == d]
+
+        hosted = await asyncio.gather(
+            self._core.call(self._open_own, prefill_id, sources(0)),
+            *(h.open_channel.remote(prefill_id, sources(d)) for d, h in enumerate(self._ranks, 1)),
+        )
+        self._routes[prefill_id] = routes
+        self._epochs[prefill_id] = {
+            (d, p): a.epoch for d, addrs in enumerate(hosted) for p, a in addrs
+        }
+        return tuple((p, d, a) for d, addrs in enumerate(hosted) for p, a in addrs)
 
     async def reserve(self, req: PrefillRequest, prefill_id: str, epoch: int) -> ReserveReply:
         """Holds blocks for a request's KV; the reply says how many leading tokens this worker
@@ -127,23 +133,29 @@ class DecodeService:
             return reply
         aid = req.attempt_id
         num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
-        epochs = self._rank_epochs.get(prefill_id, [])
+        epochs = self._epochs.get(prefill_id, {})
         part = (block_ids, num_tokens, reply.cached_tokens, reply.transfer_id)
         try:
             expected = await asyncio.gather(
-                *(r.expect.remote(aid, prefill_id, e, *part) for r, e in zip(self._ranks, epochs))
+                *(
+                    h.expect.remote(
+                        aid, prefill_id, [(p, e) for (dr, p), e in epochs.items() if dr == d], *part
+                    )
+                    for d, h in enumerate(self._ranks, 1)
+                )
             )
         except Exception:  # a rank is gone: the reservation must not outlive the call
             await self._core.call(self._release_attempt, aid)
             raise
-        if len(epochs) == len(self._ranks) and all(expected):
+        if all(expected):
             return reply
         await self._core.call(self._release_attempt, aid)
         return ReserveReply(stale_channel=True)
 
-    async def rank_landed(self, attempt_id: str, rank: int, error: str) -> None:
-        """Rank `rank`'s part of a transfer landed (`error` empty) or failed."""
-        self._core.post(self._rank_landed, attempt_id, rank, error)
+    async def rank_landed(self, attempt_id: str, rank: int, source: int, error: str) -> None:
+        """Rank `rank`'s part of a transfer from prefill rank `source` landed (`error` empty)
+        or failed."""
+        self._core.post(self._part_landed, attempt_id, (rank, source), error)
 
     async def prefill_locally(self, req: PrefillRequest) -> bool:
         """Prefills a request here: the router's choice for a short uncached tail, or a report
@@ -176,12 +188,59 @@ class DecodeService:
             else:
                 yield StepOutputs(self.worker_id, tuple(d for b in batch for d in b.deltas))
 
-    # --- requests (on the engine thread) ----------------------------------------------------
+    # --- channels and requests (on the engine thread) ---------------------------------------
+
+    def _new_receiver(self, on_done, on_cancel, on_failed) -> KVReceiver:
+        return KVReceiver(
+            self._host,
+            self.engine.kv_cache,
+            self._block_size,
+            self._timeout_s,
+            post=self._core.post,
+            on_done=on_done,
+            on_cancel=on_cancel,
+            on_failed=on_failed,
+        )
+
+    def _open_own(
+        self, prefill_id: str, sources: list[tuple[int, slice]]
+    ) -> list[tuple[int, ChannelAddress]]:
+        """This rank's channels from the prefill worker's ranks `sources` (with the local heads
+        each carries)."""
+        out = []
+        for p, heads in sources:
+            if p == 0:
+                receiver = self._receiver
+            else:
+                receiver = self._extra.get(p)
+                if receiver is None:
+                    receiver = self._extra[p] = self._new_receiver(
+                        partial(self._part_done, p),
+                        partial(self._part_closed, p),
+                        partial(self._part_failed, p),
+                    )
+            out.append((p, receiver.open_channel(prefill_id, heads)))
+        return out
+
+    def _part_done(self, p: int, inc: Incoming, msg: TransferDone) -> None:
+        if self._extra[p].close(inc):
+            error = "" if inc.complete else f"incomplete transfer from prefill rank {p}"
+            self._part_landed(inc.attempt_id, (0, p), error)
+
+    def _part_closed(self, p: int, inc: Incoming) -> None:
+        self._extra[p].close(inc)  # the main part hears the cancel too
+
+    def _part_failed(self, p: int, inc: Incoming, reason: str) -> None:
+        if self._extra[p].close(inc):
+            self._part_landed(inc.attempt_id, (0, p), reason)
 
     def _reserve(
         self, req: PrefillRequest, prefill_id: str, epoch: int
     ) -> tuple[ReserveReply, list[int]]:
-        if not self._receiver.channel_ok(prefill_id, epoch):
+        extra = {p: e for (d, p), e in self._epochs.get(prefill_id, {}).items() if d == 0 and p > 0}
+        if not self._receiver.channel_ok(prefill_id, epoch) or not all(
+            self._extra[p].channel_ok(prefill_id, e) for p, e in extra.items()
+        ):
             return ReserveReply(stale_channel=True), []
         aid = req.attempt_id
         try:
@@ -193,8 +252,11 @@ class DecodeService:
         num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
         block_ids = self.engine.block_ids(aid)
         inc = self._receiver.expect(aid, prefill_id, block_ids, num_tokens, held=cached)
+        for p in extra:
+            self._extra[p].expect(aid, prefill_id, block_ids, num_tokens, cached, inc.transfer_id)
         self._requests[aid] = _RequestInfo(len(req.prompt_token_ids), prefilled_by=prefill_id)
-        self._awaiting[aid] = set(range(1, self.tp.size))
+        parts = {(r.decode_rank, r.prefill_rank) for r in self._routes.get(prefill_id, ())}
+        self._awaiting[aid] = parts - {(0, 0)}
         return ReserveReply(transfer_id=inc.transfer_id, cached_tokens=cached), block_ids
 
     def _prefill_locally(self, req: PrefillRequest, arrived: float) -> bool:
@@ -239,6 +301,10 @@ class DecodeService:
         guarded against yet."""
         self._landed.pop(attempt_id, None)
         if self._awaiting.pop(attempt_id, None) is not None:
+            for receiver in self._extra.values():
+                inc = receiver.get(attempt_id)
+                if inc is not None:
+                    receiver.close(inc)
             for r in self._ranks:
                 r.close.remote(attempt_id)
 
@@ -256,7 +322,7 @@ class DecodeService:
         self._landed[aid] = (msg, self._receiver.transfer_seconds(inc, msg))
         self._admit_if_landed(aid)
 
-    def _rank_landed(self, attempt_id: str, rank: int, error: str) -> None:
+    def _part_landed(self, attempt_id: str, part: tuple[int, int], error: str) -> None:
         waiting = self._awaiting.get(attempt_id)
         if waiting is None:
             return  # the request went another way already
@@ -265,11 +331,11 @@ class DecodeService:
             if inc is None or self._receiver.close(inc):
                 self._fall_back_closed(attempt_id, error)
             return
-        waiting.discard(rank)
+        waiting.discard(part)
         self._admit_if_landed(attempt_id)
 
     def _admit_if_landed(self, attempt_id: str) -> None:
-        """Admits the request once rank 0's part and every other rank's part have landed."""
+        """Admits the request once the main part and every other part have landed."""
         if attempt_id not in self._landed or self._awaiting[attempt_id]:
             return
         del self._awaiting[attempt_id]
@@ -358,7 +424,8 @@ class DecodeService:
             outputs = self.engine.step()
         except Exception as e:  # the loop must outlive a bad step, or every request hangs
             logger.exception("decode step failed; ending the requests in it")
-            self._receiver.close_all()  # no late KV may land in the blocks freed next
+            for receiver in (self._receiver, *self._extra.values()):
+                receiver.close_all()  # no late KV may land in the blocks freed next
             aborted = self.engine.abort_all()
             for aid in aborted:
                 self._forget_parts(aid)
@@ -375,13 +442,13 @@ class DecodeService:
             self._node,
             self.engine.weight_bytes,
             self.engine.kv_cache_bytes,
-            self._receiver.bytes_received,
+            sum(r.bytes_received for r in (self._receiver, *self._extra.values())),
         )
         return self.engine.stats().worker_status(
             self.worker_id,
             "decode",
             (rank, *others),
             kv_blocks_received=self._receiver.blocks_received,
-            kv_bytes_received=self._receiver.bytes_received,
+            kv_bytes_received=rank.kv_bytes,
             transfer_fallbacks=self.num_fallbacks,
         )

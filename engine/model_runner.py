@@ -13,7 +13,7 @@ from pdserve.engine.attention import AttentionBatch
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.scheduler import ScheduledSeq
-from pdserve.engine.step_broadcast import StepInputs, recv_step, send_step
+from pdserve.engine.step_broadcast import StepInputs, recv, send_step
 
 
 class ModelRunner:
@@ -36,9 +36,14 @@ class ModelRunner:
         return self._forward(inputs, on_layer_kv)
 
     @torch.inference_mode()
-    def follow(self) -> None:
-        """On a rank other than 0: waits for rank 0's next step and runs this rank's shard."""
-        self._forward(recv_step(self.tp, self.device), None)
+    def follow(self, on_orders: Callable[[bytes], None] | None = None) -> None:
+        """On a rank other than 0: waits for rank 0's next step and runs this rank's shard,
+        or for its next KV transfer orders and hands them to `on_orders`."""
+        got = recv(self.tp, self.device)
+        if isinstance(got, bytes):
+            on_orders(got)
+        else:
+            self._forward(got, None)
 
     def _forward(
         self, inputs: StepInputs, on_layer_kv: Callable[[int], None] | None

@@ -8,8 +8,11 @@ Rank 0 schedules; every rank runs its shard of each step.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -97,6 +100,19 @@ class TPGroup:
 
 
 SINGLE = TPGroup()
+
+
+async def lead(
+    tp: TPGroup, ranks: Sequence[Any], host: str, device: torch.device, timeout_s: float
+) -> None:
+    """Rank 0 hosts the worker's group and has the other ranks (Ray handles with a
+    `join(host, port)` method) join it; returns once all have."""
+    if not ranks:
+        return
+    store = TPGroup.host_store(host, tp.size, timeout_s)
+    joins = [r.join.remote(host, store.port) for r in ranks]
+    await asyncio.to_thread(tp.join, host, store.port, device, timeout_s, store)
+    await asyncio.gather(*joins)
 
 
 def kv_heads_of(num_kv_heads: int, rank: int, size: int) -> range:

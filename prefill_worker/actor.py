@@ -7,7 +7,7 @@ where this shell sets the process-wide torch thread count.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import ray
 from ray.actor import ActorHandle
@@ -18,8 +18,16 @@ from pdserve.engine.config import EngineConfig
 
 
 class PrefillWorker:
+    """Rank 0 of a prefill worker; `ranks` are the handles of its other tensor-parallel ranks
+    (`rank.py`)."""
+
     def __init__(
-        self, worker_id: str, engine_config: EngineConfig, transfer_timeout_s: float, threads: int
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        transfer_timeout_s: float,
+        threads: int,
+        ranks: Sequence[ActorHandle] = (),
     ) -> None:
         import torch
 
@@ -33,6 +41,8 @@ class PrefillWorker:
             transfer_timeout_s,
             self._decode,
             ray.get_runtime_context().get_node_id(),
+            ray.util.get_node_ip_address(),
+            ranks,
         )
 
     def _decode(self, worker_id: str) -> ActorHandle:

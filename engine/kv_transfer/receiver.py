@@ -57,6 +57,7 @@ class Incoming:
 class _Channel:
     prefill_id: str
     epoch: int
+    heads: slice  # the local KV heads this channel's chunks carry
     kv: KVChannel | None = None
     expected: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -101,14 +102,15 @@ class KVReceiver:
     def get(self, attempt_id: str) -> Incoming | None:
         return self._by_attempt.get(attempt_id)
 
-    def open_channel(self, prefill_id: str) -> ChannelAddress:
-        """Hosts a new channel for `prefill_id` (replacing any old one) and returns where to
-        join it. The receiver thread starts serving once the prefill side has joined."""
+    def open_channel(self, prefill_id: str, heads: slice = slice(None)) -> ChannelAddress:
+        """Hosts a new channel for `prefill_id` (replacing any old one), whose chunks carry the
+        local KV heads `heads`, and returns where to join it. The receiver thread starts
+        serving once the prefill side has joined."""
         old = self._channels.pop(prefill_id, None)
         if old is not None:
             self._close_channel(old, "replaced by a new channel")
         store = KVChannel.host_store(self.host, self._timeout_s)
-        chan = _Channel(prefill_id, next(self._epochs))
+        chan = _Channel(prefill_id, next(self._epochs), heads)
         self._channels[prefill_id] = chan
         threading.Thread(
             target=self._serve,
@@ -217,7 +219,7 @@ class KVReceiver:
                 chunk.token_start + n,
                 self._kv_cache.device,
             )
-            scatter_tokens(self._kv_cache, chunk.layer, slots, chunk.payload)
+            scatter_tokens(self._kv_cache, chunk.layer, slots, chunk.payload, inc.channel.heads)
             inc.record(chunk.layer, chunk.token_start, n)
             inc.last_landed = time.time()
             if chunk.layer == 0:  # a block counts when its first token lands

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from pdserve.api.errors import NotFound, RemoteError, TransferFailed
 from pdserve.api.messages import ChannelAddress, PrefillRequest, ReserveReply
 from pdserve.engine.kv_pool import blocks_for
 from pdserve.engine.kv_transfer.channel import SENDER, KVChannel
+from pdserve.engine.kv_transfer.links import Links
 from pdserve.engine.kv_transfer.messages import (
     KeepAlive,
     KVChunk,
@@ -38,53 +39,36 @@ from pdserve.engine.kv_transfer.messages import (
     TransferCancel,
     TransferDone,
 )
-from pdserve.engine.kv_transfer.routes import Route, kv_routes
+from pdserve.engine.kv_transfer.orders import (
+    CloseChannels,
+    Drop,
+    Flush,
+    Gather,
+    Order,
+    Relay,
+    SendChunk,
+    encode_orders,
+)
+from pdserve.engine.kv_transfer.routes import kv_routes
 from pdserve.engine.kv_transfer.slots import gather_tokens, token_slots
 from pdserve.engine.llm_engine import StepOutput
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.scheduler import ScheduledSeq
+from pdserve.engine.step_broadcast import send_orders
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class _Channel:
-    """The channels to one decode worker: one per decode rank that this rank sends KV heads
-    to (its `Route`). A message goes on every one; a KV chunk carries only the route's heads."""
+    """This rank's channels to one decode worker. `epoch` is that of the channel to the
+    decode worker's rank 0 (which its reservations check)."""
 
     decode_id: str
-    links: list[tuple[Route, KVChannel]]
+    kv: Links
     epoch: int
     fail_after_messages: int | None = None
     unlinked: bool = False
-
-    @property
-    def broken(self) -> bool:
-        return any(kv.broken for _, kv in self.links)
-
-    @property
-    def bytes_sent(self) -> int:
-        return sum(kv.bytes_sent for _, kv in self.links)
-
-    @property
-    def last_send(self) -> float:
-        return min(kv.last_send for _, kv in self.links)
-
-    def send(self, msg: Message) -> None:
-        for route, kv in self.links:
-            if isinstance(msg, KVChunk):
-                heads = msg.payload[:, :, route.src].contiguous()
-                kv.send(KVChunk(msg.transfer_id, msg.layer, msg.token_start, heads))
-            else:
-                kv.send(msg)
-
-    def flush(self) -> None:
-        for _, kv in self.links:
-            kv.flush()
-
-    def close(self) -> None:
-        for _, kv in self.links:
-            kv.close()
 
 
 @dataclass(eq=False)
@@ -110,7 +94,11 @@ class Outgoing:
 class KVSender:
     """`decode_handle(worker_id)` returns the Ray handle of a decode worker (its leader rank);
     `block_ids(attempt_id)` the blocks of a request in the local engine. `num_kv_heads` is the
-    model's (all ranks'): with `tp` (this worker's ranks) it says which heads go where."""
+    model's (all ranks'): with `tp` (this worker's ranks) it says which heads go where.
+
+    In a tensor-parallel prefill worker this sender runs on rank 0 and `ranks` are the Ray
+    handles of the others: each joins its own channels, and every decision here that touches
+    KV or a channel is also an order (`orders.py`) that `publish()` hands to them."""
 
     def __init__(
         self,
@@ -123,8 +111,11 @@ class KVSender:
         decode_handle: Callable[[str], Any],
         timeout_s: float,
         post: Callable[..., None],
+        ranks: Sequence[Any] = (),
     ) -> None:
         self.worker_id = worker_id
+        self._ranks = list(ranks)
+        self._orders: list[Order] | None = [] if ranks else None
         self._kv_cache = kv_cache
         self._num_kv_heads = num_kv_heads
         self._tp = tp
@@ -143,7 +134,7 @@ class KVSender:
     @property
     def bytes_sent(self) -> int:
         with self._channels_lock:
-            live = sum(c.bytes_sent for c in self._channels.values())
+            live = sum(c.kv.bytes_sent for c in self._channels.values())
             return self._closed_bytes + live
 
     def begin(self, req: PrefillRequest) -> Outgoing:
@@ -154,6 +145,18 @@ class KVSender:
     def forget(self, t: Outgoing) -> None:
         if self._transfers.get(t.request.attempt_id) is t:
             del self._transfers[t.request.attempt_id]
+            self._order(Drop(t.request.attempt_id))
+
+    def publish(self) -> None:
+        """Hands the orders made since the last call to the other ranks (on the engine thread,
+        after a step: before the next one can reuse a block they read)."""
+        if self._orders:
+            send_orders(self._tp, encode_orders(self._orders), self._kv_cache.device)
+            self._orders = []
+
+    def _order(self, order: Order) -> None:
+        if self._orders is not None:
+            self._orders.append(order)
 
     async def connect(self, decode_id: str) -> None:
         """Opens the channel to a decode worker ahead of its first request."""
@@ -171,7 +174,7 @@ class KVSender:
             if not reply.stale_channel:
                 break
             self._unlink(chan)
-            self._post(chan.close)
+            self._post(self._close_channel, chan)
         else:
             raise TransferFailed(f"no usable KV channel to {req.decode_worker}")
         if reply.error_code:
@@ -216,6 +219,9 @@ class KVSender:
             chunk = KVChunk(
                 t.transfer_id, layer, start, gather_tokens(self._kv_cache, layer, slots)
             )
+            if self._orders is not None:
+                flat = (slots[0] * self._block_size + slots[1]).tolist()
+                self._order(Gather(item.seq.request_id, layer, start, flat))
             if t.channel is None:
                 t.stash.append(chunk)
             else:
@@ -259,6 +265,7 @@ class KVSender:
             t.first_sent_at,
         )
         self._send(t, done)
+        self._order(Relay(t.channel.decode_id, t.channel.epoch, done))
         self._flush(t.channel)
 
     def cancel(self, t: Outgoing) -> None:
@@ -267,6 +274,7 @@ class KVSender:
         if t.channel is None or t.failed:
             return  # `reserve` cancels it once the reservation lands
         self._send(t, TransferCancel(t.transfer_id))
+        self._order(Relay(t.channel.decode_id, t.channel.epoch, TransferCancel(t.transfer_id)))
         self._flush(t.channel)
 
     def abort(self, attempt_id: str) -> Outgoing | None:
@@ -293,12 +301,14 @@ class KVSender:
         now = time.monotonic()
         live = {id(t.channel): t.channel for t in self._transfers.values() if t.channel}
         for chan in live.values():
-            fresh = now - chan.last_send <= self._timeout_s / 4
+            fresh = now - chan.kv.last_send <= self._timeout_s / 4
             if fresh or self._channels.get(chan.decode_id) is not chan:
                 continue
+            self._order(Relay(chan.decode_id, chan.epoch, KeepAlive()))
+            self._order(Flush(chan.decode_id, chan.epoch))
             try:
-                chan.send(KeepAlive())
-                chan.flush()
+                chan.kv.send(KeepAlive())
+                chan.kv.flush()
             except TransferFailed as e:
                 self._channel_failed(chan, e)
 
@@ -320,6 +330,19 @@ class KVSender:
         if t.first_sent_at is None:
             t.first_sent_at = time.time()
         self._send(t, KVChunk(t.transfer_id, chunk.layer, start, chunk.payload[skip:]))
+        c = t.channel
+        self._order(
+            SendChunk(
+                t.request.attempt_id,
+                c.decode_id,
+                c.epoch,
+                t.transfer_id,
+                chunk.layer,
+                chunk.token_start,
+                start,
+                n - skip,
+            )
+        )
 
     def _send(self, t: Outgoing, msg: Message) -> None:
         chan = t.channel
@@ -328,19 +351,20 @@ class KVSender:
                 if chan.fail_after_messages <= 0:
                     raise TransferFailed("channel closed by an injected fault")
                 chan.fail_after_messages -= 1
-            chan.send(msg)
+            chan.kv.send(msg)
         except TransferFailed as e:
             self._channel_failed(chan, e)
 
     def _flush(self, chan: _Channel) -> None:
+        self._order(Flush(chan.decode_id, chan.epoch))
         try:
-            chan.flush()
+            chan.kv.flush()
         except TransferFailed as e:
             self._channel_failed(chan, e)
 
     async def _channel(self, decode_id: str) -> _Channel:
         chan = self._channels.get(decode_id)
-        if chan is not None and not chan.broken:
+        if chan is not None and not chan.kv.broken:
             return chan
         task = self._opening.get(decode_id)
         if task is None:
@@ -353,37 +377,46 @@ class KVSender:
                 self._opening.pop(decode_id, None)
 
     async def _open(self, decode_id: str) -> _Channel:
-        """Joins the channel that each rank of the decode worker hosts for this worker (the
-        ranks' addresses come in rank order)."""
-        addrs: tuple[ChannelAddress, ...] = await self._decode_handle(
+        """Joins the channels that the decode worker's ranks host for this worker's ranks
+        (one per route; this rank joins its own, the other ranks theirs)."""
+        hosted: tuple[tuple[int, int, ChannelAddress], ...] = await self._decode_handle(
             decode_id
-        ).open_channel.remote(self.worker_id)
-        routes = [
-            r
-            for r in kv_routes(self._num_kv_heads, self._tp.size, len(addrs))
-            if r.prefill_rank == self._tp.rank
-        ]
+        ).open_channel.remote(self.worker_id, self._tp.size)
+        decode_tp = len({d for _, d, _ in hosted})
+        routes = kv_routes(self._num_kv_heads, self._tp.size, decode_tp)
+        addrs = {(p, d): a for p, d, a in hosted}
+        mine = [r for r in routes if r.prefill_rank == self._tp.rank]
         device, timeout = self._kv_cache.device, self._timeout_s
+        epoch = addrs[0, 0].epoch
+        others = [
+            handle.join_channels.remote(
+                decode_id,
+                epoch,
+                [(r, addrs[r.prefill_rank, r.decode_rank]) for r in routes if r.prefill_rank == i],
+            )
+            for i, handle in enumerate(self._ranks, start=1)
+        ]
         joined = await asyncio.gather(
             *(
                 asyncio.to_thread(KVChannel.join, a.host, a.port, SENDER, device, timeout)
-                for a in (addrs[r.decode_rank] for r in routes)
+                for a in (addrs[r.prefill_rank, r.decode_rank] for r in mine)
             ),
+            *others,
             return_exceptions=True,
         )
-        kvs = [j for j in joined if isinstance(j, KVChannel)]
-        if len(kvs) < len(joined):  # a store or a group could not be reached
+        kvs = [j for j in joined[: len(mine)] if isinstance(j, KVChannel)]
+        failed = [j for j in joined if isinstance(j, BaseException)]
+        if failed:  # a store or a group could not be reached
             for kv in kvs:
                 kv.close()
-            e = next(j for j in joined if isinstance(j, BaseException))
-            raise TransferFailed(f"cannot join the KV channel of {decode_id}: {e}") from e
-        chan = _Channel(decode_id, list(zip(routes, kvs)), addrs[0].epoch)
+            raise TransferFailed(f"cannot join the KV channel of {decode_id}: {failed[0]}")
+        chan = _Channel(decode_id, Links(list(zip(mine, kvs))), epoch)
         with self._channels_lock:
             old = self._channels.get(decode_id)
             self._channels[decode_id] = chan
         if old is not None:
             self._unlink(old)
-            self._post(old.close)
+            self._post(self._close_channel, old)
         logger.info("KV channel to %s open (epoch %d)", decode_id, chan.epoch)
         return chan
 
@@ -395,7 +428,7 @@ class KVSender:
                 del self._channels[chan.decode_id]
             if not chan.unlinked:
                 chan.unlinked = True
-                self._closed_bytes += chan.bytes_sent
+                self._closed_bytes += chan.kv.bytes_sent
 
     def _channel_failed(self, chan: _Channel, error: Exception) -> None:
         """Every transfer on a failed channel is given up; the decode worker sees the channel
@@ -407,4 +440,9 @@ class KVSender:
         self._unlink(chan)
         # NOTE: closing makes a receiver blocked on the channel fail at once rather than at its
         # timeout. On the engine thread: no send of this worker can be under way.
-        chan.close()
+        self._close_channel(chan)
+
+    def _close_channel(self, chan: _Channel) -> None:
+        """On the engine thread."""
+        chan.kv.close()
+        self._order(CloseChannels(chan.decode_id, chan.epoch))
