@@ -449,6 +449,6 @@ class DecodeService:
             "decode",
             (rank, *others),
             kv_blocks_received=self._receiver.blocks_received,
-            kv_bytes_received=rank.kv_bytes,
+            kv_bytes_received=sum(r.kv_bytes for r in (rank, *others)),
             transfer_fallbacks=self.num_fallbacks,
         )

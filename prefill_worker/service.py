@@ -224,5 +224,5 @@ class PrefillService:
             "prefill",
             (rank, *others),
             kv_blocks_sent=self._sender.blocks_sent,
-            kv_bytes_sent=self._sender.bytes_sent,
+            kv_bytes_sent=sum(r.kv_bytes for r in (rank, *others)),
         )

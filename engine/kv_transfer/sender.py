@@ -409,6 +409,7 @@ class KVSender:
         if failed:  # a store or a group could not be reached
             for kv in kvs:
                 kv.close()
+            self._post(self._order, CloseChannels(decode_id, epoch))  # the other ranks' joins
             raise TransferFailed(f"cannot join the KV channel of {decode_id}: {failed[0]}")
         chan = _Channel(decode_id, Links(list(zip(mine, kvs))), epoch)
         with self._channels_lock:
