@@ -7,6 +7,8 @@ replicated ones (a 1-KV-head model)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from cluster_helpers import DTYPE_BYTES, HEAD_DIM, LAYERS, wait_until_idle
@@ -48,18 +50,31 @@ def hf(model_dir):
 
 
 @pytest.fixture(scope="module")
-def nodes(model_dir, layout):
+def simulated():
+    """One simulated cluster for every layout (starting one costs seconds, and several in a
+    row have timed out on a loaded machine): a head node without worker resources, a node
+    with 2 `prefill` and a node with 2 `decode`."""
     import ray
     from ray.cluster_utils import Cluster
-
-    from pdserve.cluster.launcher import BackgroundCluster
 
     if ray.is_initialized():
         ray.shutdown()
     sim = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    sim.add_node(num_cpus=0, resources={"prefill": 2})
+    sim.add_node(num_cpus=0, resources={"decode": 2})
+    yield sim
+    ray.shutdown()
+    sim.shutdown()
+
+
+@pytest.fixture(scope="module")
+def nodes(simulated, model_dir, layout):
+    import ray
+
+    from pdserve.api.naming import NAMESPACE, actor_name
+    from pdserve.cluster.launcher import BackgroundCluster
+
     _, prefill_tp, decode_tp = layout
-    sim.add_node(num_cpus=0, resources={"prefill": prefill_tp})
-    sim.add_node(num_cpus=0, resources={"decode": decode_tp})
     config = config_from_dict(
         {
             "model": str(model_dir),
@@ -73,11 +88,17 @@ def nodes(model_dir, layout):
             "router": {"listen": "127.0.0.1:0", "local_prefill_max_tokens": 0},
         }
     )
-    running = BackgroundCluster(config, address=sim.address).start()
+    running = BackgroundCluster(config, address=simulated.address).start()
     yield running
     running.stop()
-    ray.shutdown()
-    sim.shutdown()
+    for wid in ("prefill-0", "decode-0"):  # the next layout's workers take the same names
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(actor_name(wid), namespace=NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.1)
 
 
 @pytest.fixture()
