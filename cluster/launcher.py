@@ -176,6 +176,7 @@ async def start_router(
         max_model_len=workers.max_model_len,
         policy=settings.policy,
         max_inflight=settings.max_inflight,
+        max_queued=settings.max_queued,
         model_name=os.path.basename(os.path.abspath(config.model)),
         # NOTE: the workers' EngineConfig gets the same salt and block size, so router and
         # workers name every KV block alike.

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from pdserve.api.block_hash import block_hashes
+from pdserve.api.block_hash import block_hashes, blocks_for
 from pdserve.api.errors import CapacityExceeded
 from pdserve.api.kv_events import BlockStored, KVEvent
-from pdserve.engine.kv_pool import BlockPool, blocks_for
+from pdserve.engine.kv_pool import BlockPool
 from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.sequence import Sequence, Status
 

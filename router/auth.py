@@ -6,6 +6,7 @@ and reflection included, stays open because load balancers probe them without cr
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -55,19 +56,34 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     def _problem(self, metadata: Sequence[tuple[str, str]]) -> str | None:
         """Why the call is refused, or None when it carries a known key."""
-        values = [v for k, v in metadata if k == "authorization"]
-        if not values:
+        if not any(k == "authorization" for k, _ in metadata):
             return "missing metadata 'authorization: Bearer <API key>'"
-        scheme, _, token = values[0].partition(" ")
-        token_bytes = token.strip().encode()
+        token = bearer_token(metadata)
+        token_bytes = (token or "").encode()
         # NOTE: every key is compared, in constant time, so timing reveals neither the key nor
         # which of the keys matched.
         known = False
         for key in self._keys:
             known |= hmac.compare_digest(key, token_bytes)
-        if scheme.lower() != "bearer" or not known:
+        if token is None or not known:
             return "invalid API key"
         return None
+
+
+def bearer_token(metadata: Sequence[tuple[str, str]]) -> str | None:
+    """The token of the first `authorization: Bearer <token>` entry, or None."""
+    values = [v for k, v in metadata if k == "authorization"]
+    if not values:
+        return None
+    scheme, _, token = values[0].partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def key_owner(metadata: Sequence[tuple[str, str]]) -> str:
+    """Who a call acts for: a digest of its API key, so that request ids are scoped per key
+    without the router's tables holding keys. "" for a call without one."""
+    token = bearer_token(metadata)
+    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

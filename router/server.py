@@ -14,8 +14,9 @@ from grpc_reflection.v1alpha import reflection
 
 from pdserve.api.errors import InvalidRequest
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.router.auth import ApiKeyInterceptor, ServerTLS
+from pdserve.router.auth import ApiKeyInterceptor, ServerTLS, key_owner
 from pdserve.router.errors import status_of
+from pdserve.router.validation import reject_unknown_fields
 
 if TYPE_CHECKING:
     from pdserve.router.router import Router
@@ -28,23 +29,35 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 class GenerationServicer:
     """Translates RPCs into `Router` calls and every failure into a status code.
 
-    Requests arrive as raw bytes and are parsed here, so that bytes that are not a
-    `GenerateRequest` get INVALID_ARGUMENT like any other malformed request.
+    Requests arrive as raw bytes and are parsed here, so that bytes that are not the RPC's
+    message, or that carry a field number this server does not know, get INVALID_ARGUMENT
+    like any other malformed request.
+
+    With API keys (`scoped`), a request belongs to the key that created it: its id is unique
+    per key, and only that key can abort or resume it.
     """
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, scoped: bool = False) -> None:
         self._router = router
+        self._scoped = scoped
 
     async def generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> None:
         try:
-            await self._router.generate(_parse(pb.GenerateRequest, raw), context.write)
+            request = _parse(pb.GenerateRequest, raw)
+            del raw  # NOTE: a long prompt is held once, as the parsed message
+            await self._router.generate(
+                request,
+                context.write,
+                owner=self._owner(context),
+                deadline_s=context.time_remaining(),
+            )
         except Exception as e:
             await _abort(context, e)
 
     async def abort(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:
             request = _parse(pb.AbortRequest, raw)
-            await self._router.abort(request.request_id)
+            await self._router.abort(request.request_id, owner=self._owner(context))
             return pb.AbortResponse(request_id=request.request_id)
         except Exception as e:
             await _abort(context, e)
@@ -58,12 +71,17 @@ class GenerationServicer:
         except Exception as e:
             await _abort(context, e)
 
+    def _owner(self, context: grpc.aio.ServicerContext) -> str:
+        return key_owner(context.invocation_metadata() or ()) if self._scoped else ""
+
 
 def _parse(message_type: type, raw: bytes):
     try:
-        return message_type.FromString(raw)
+        message = message_type.FromString(raw)
     except DecodeError as e:
         raise InvalidRequest("request", f"not a valid {message_type.__name__}: {e}") from e
+    reject_unknown_fields(message)
+    return message
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
@@ -114,7 +132,8 @@ async def start_server(
     `api_keys` every `Generation` call needs `authorization: Bearer <key>`."""
     interceptors = [ApiKeyInterceptor(api_keys, SERVICE_NAME)] if api_keys else []
     server = grpc.aio.server(interceptors=interceptors)
-    server.add_generic_rpc_handlers((_handler(GenerationServicer(router)),))
+    servicer = GenerationServicer(router, scoped=bool(api_keys))
+    server.add_generic_rpc_handlers((_handler(servicer),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
