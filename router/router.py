@@ -124,7 +124,7 @@ class Router:
         workers = {**self.prefill_workers, **self.decode_workers}
         self._kv_feed = KVFeed(self.index, {w: ActorKVSource(h) for w, h in workers.items()})
         self._finished = RequestTable(request_table_size, request_table_ttl_s)
-        self._admission = Admission(max_queued)
+        self.admission = Admission(max_queued)
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
             TOKENIZER_THREADS, thread_name_prefix="tokenize"
         )
@@ -141,7 +141,7 @@ class Router:
 
     @property
     def num_queued(self) -> int:
-        return self._admission.num_queued
+        return self.admission.num_queued
 
     async def start(
         self, listen: str, *, tls: ServerTLS | None = None, api_keys: Collection[str] = ()
@@ -198,7 +198,7 @@ class Router:
         arrival: float,
         deadline_s: float | None,
     ) -> None:
-        self._admission.refuse_if_full()  # before the request costs a tokenization
+        self.admission.refuse_if_full()  # before the request costs a tokenization
         valid = await self._validated(request, owner)
         request_id = request.request_id or uuid.uuid4().hex
         key = (owner, request_id)
@@ -223,7 +223,7 @@ class Router:
         try:
             assignment = self._place(request.placement, context, params.max_tokens)
         except BaseException:
-            self._admission.release(kv_blocks)
+            self.admission.release(kv_blocks)
             raise
         builder = ResponseBuilder(
             request_id,
@@ -316,7 +316,7 @@ class Router:
     ) -> bool:
         """Waits until `kv_blocks` are charged to the request (`Admission.acquire`); False,
         with nothing charged, when the Abort RPC ended the wait."""
-        task = asyncio.ensure_future(self._admission.acquire(kv_blocks, priority, deadline_s))
+        task = asyncio.ensure_future(self.admission.acquire(kv_blocks, priority, deadline_s))
         queued = self._queued[key] = _Queued(task)
         try:
             await task
@@ -328,7 +328,7 @@ class Router:
         finally:
             del self._queued[key]
         if queued.aborted:  # admitted as the abort came
-            self._admission.release(kv_blocks)
+            self.admission.release(kv_blocks)
             return False
         return True
 
@@ -379,7 +379,7 @@ class Router:
         del self._inflight[flight.owner, flight.request_id]
         self._streams.unregister(flight.attempt_id)
         self._placer.decode_done(flight.assignment)
-        self._admission.release(flight.kv_blocks)
+        self.admission.release(flight.kv_blocks)
         if not flight.decode_finished:
             self._spawn(self._abort_on_workers(flight))
         elif flight.prefill is not None:
@@ -407,7 +407,7 @@ class Router:
     def _on_decode_lost(self, worker_id: str, reason: str) -> None:
         self.lost_workers[worker_id] = reason
         self._placer.remove_decode(worker_id)
-        self._admission.remove(worker_id)
+        self.admission.remove(worker_id)
 
     async def _learn_kv_capacity(self) -> None:
         """Asks each decode worker for the size of its KV pool, which admission fills."""
@@ -419,4 +419,4 @@ class Router:
             if isinstance(status, BaseException):
                 logger.warning("decode worker %s: no KV pool size (%s)", worker_id, status)
             else:
-                self._admission.set_capacity(worker_id, status.total_blocks)
+                self.admission.set_capacity(worker_id, status.total_blocks)
