@@ -35,7 +35,12 @@ from pdserve.router.responses import ResponseBuilder
 from pdserve.router.server import RunningServer, start_server
 from pdserve.router.status import cluster_status
 from pdserve.router.streams import DecodeStreams, Failure
-from pdserve.router.validation import MAX_REQUEST_ID_LEN, ValidRequest, validate
+from pdserve.router.validation import (
+    MAX_REQUEST_ID_LEN,
+    ValidRequest,
+    check_text_size,
+    validate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +306,9 @@ class Router:
             "chat",
         )
         if long_input:
+            # NOTE: oversized text is refused here, before it waits for a tokenizer thread, so
+            # a flood of it holds no memory beyond the request being looked at.
+            check_text_size(request, self.tokenizer, self.max_model_len)
             return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, check)
         return check()
 

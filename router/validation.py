@@ -58,6 +58,7 @@ def validate(
         if len(value) > MAX_REQUEST_ID_LEN:
             raise InvalidRequest(name, f"is longer than {MAX_REQUEST_ID_LEN} characters")
     params = sampling_params(request.sampling, vocab_size, earlier.params if earlier else None)
+    check_text_size(request, tokenizer, max_model_len)
     field = request.WhichOneof("input")
     output: tuple[int, ...] = ()
     if earlier is not None and field is None:
@@ -101,28 +102,32 @@ def _input_ids(
     add_special_tokens: bool,
 ) -> list[int]:
     if field == "text":
-        text = request.text
-        _check_text_fits("text", len(text), tokenizer, max_model_len)
-        return tokenizer.encode(text, add_special_tokens) if text else []
+        return tokenizer.encode(request.text, add_special_tokens) if request.text else []
     if field == "token_ids":
         ids = list(request.token_ids.ids)
         if len(ids) >= max_model_len:
             return ids  # refused by length, without a look at each id
         _check_token_ids("token_ids.ids", ids, vocab_size)
         return ids
-    chars = sum(len(m.content) for m in request.chat.messages)
-    _check_text_fits("chat", chars, tokenizer, max_model_len)
     return chat_token_ids(request.chat, tokenizer)
 
 
-def _check_text_fits(field: str, num_chars: int, tokenizer: Tokenizer, max_model_len: int) -> None:
-    """Refuses text too long to fit the context whatever it says, before it is tokenized.
+def check_text_size(request: pb.GenerateRequest, tokenizer: Tokenizer, max_model_len: int) -> None:
+    """Refuses text or chat too long to fit the context whatever it says, before it is
+    tokenized.
 
     NOTE: a token covers no more characters of text than its vocabulary entry spells (a
     byte-level entry has one character per byte, a "▁"/"##" or "<0x0A>" entry more), so text
     longer than `max_model_len * tokenizer.max_token_chars` characters cannot fit. Only a
     normalizer that deletes characters could make such text fit; it is refused all the same.
     """
+    field = request.WhichOneof("input")
+    if field == "text":
+        num_chars = len(request.text)
+    elif field == "chat":
+        num_chars = sum(len(m.content) for m in request.chat.messages)
+    else:
+        return
     limit = max_model_len * tokenizer.max_token_chars
     if num_chars > limit:
         raise InvalidRequest(
