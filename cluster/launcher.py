@@ -52,7 +52,10 @@ def start_ray(config: ClusterConfig, address: str | None) -> None:
         return
     resources = needed_resources(config)
     check_resources(config, {**resources, "GPU": local_gpu_count()}, "this machine")
+    # NOTE: "local" starts a new instance; with no address Ray joins the cluster that `ray
+    # start` (or a test's `ray.cluster_utils.Cluster`) last left in /tmp/ray/ray_current_cluster.
     ray.init(
+        address="local",
         namespace=NAMESPACE,
         include_dashboard=False,
         resources={"prefill": resources["prefill"], "decode": resources["decode"]},
