@@ -173,20 +173,22 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model", "serving", "workers", "inflight", "vocab_size", "max_model_len")
+    __slots__ = ("model", "serving", "workers", "inflight", "vocab_size", "max_model_len", "queued")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     model: str
     serving: bool
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     inflight: int
     vocab_size: int
     max_model_len: int
-    def __init__(self, model: _Optional[str] = ..., serving: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., inflight: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    queued: int
+    def __init__(self, model: _Optional[str] = ..., serving: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., inflight: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("id", "role", "tp", "running", "waiting", "free_blocks", "total_blocks", "cached_blocks", "error", "requests_total", "prompt_tokens_computed", "prompt_tokens_cached", "kv_blocks_received", "kv_blocks_sent")

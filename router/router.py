@@ -33,7 +33,7 @@ from pdserve.router.placement import Assignment, Demand, Placer
 from pdserve.router.request_table import FinishedRequest, RequestTable
 from pdserve.router.responses import ResponseBuilder
 from pdserve.router.server import RunningServer, start_server
-from pdserve.router.status import cluster_status
+from pdserve.router.status import STATUS_TIMEOUT_S, cluster_status
 from pdserve.router.streams import DecodeStreams, Failure
 from pdserve.router.validation import (
     MAX_REQUEST_ID_LEN,
@@ -421,7 +421,8 @@ class Router:
         """Asks each decode worker for the size of its KV pool, which admission fills."""
         workers = list(self.decode_workers.items())
         answers = await asyncio.gather(
-            *(handle.status.remote() for _, handle in workers), return_exceptions=True
+            *(asyncio.wait_for(h.status.remote(), STATUS_TIMEOUT_S) for _, h in workers),
+            return_exceptions=True,
         )
         for (worker_id, _), status in zip(workers, answers):
             if isinstance(status, BaseException):

@@ -197,7 +197,8 @@ def test_requests_wait_for_kv_blocks_and_past_the_queue_bound_are_refused_at_onc
         with Client(running.target) as client:
             waiting = [client.generate([5, 6, 7], max_tokens=4, timeout=30) for _ in range(3)]
             running.wait_queued(3)
-            assert client.status(timeout=10).inflight == 3  # counted from arrival
+            status = client.status(timeout=10)
+            assert status.inflight == 3 and status.queued == 3  # counted from arrival
             start = time.monotonic()
             code, details = generate_status(running.target, build_request([5, 6], max_tokens=4))
             assert time.monotonic() - start < 0.1
