@@ -9,10 +9,16 @@ arrival; whenever blocks come back, queued requests are admitted from the head w
 (RESOURCE_EXHAUSTED) are decided at arrival, before any work: the queue is full, or the
 request's deadline is shorter than the wait the queue predicts for it.
 
-NOTE: charging `max_tokens` up front means that requests this router admitted never compete
-for blocks on a decode worker (no preemption among them); one that ends early returns its
-blocks at once. With nothing charged a request is always admitted: validation keeps every
-request within `max_model_len`, which fits one worker's pool.
+The queue lives here, in the router, because the router alone sees every request before any
+work is done for it (a refusal costs the client nothing), knows its size, and can order all
+that wait by priority. The workers keep a safety net: a decode worker whose blocks are busy
+when a transfer asks for them (requests of another router, or an imbalance between decode
+workers, whose pools admission counts as one) queues the request and prefills it itself.
+
+NOTE: charging `max_tokens` up front means that requests admitted here do not compete for the
+blocks of one decode worker (no preemption among them, unless placement crowds one worker);
+one that ends early returns its blocks at once. With nothing charged a request is always
+admitted: validation keeps every request within `max_model_len`, which fits one worker's pool.
 """
 
 from __future__ import annotations
