@@ -38,6 +38,8 @@ def small_pool(tiny_llama_dir):
 
     from pdserve.cluster.launcher import BackgroundCluster
 
+    if ray.is_initialized():  # another module's cluster: its worker names would clash
+        ray.shutdown()
     config = config_from_dict(
         {
             "model": str(tiny_llama_dir),
