@@ -329,6 +329,8 @@ class Router:
         try:
             await task
         except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self.admission.release(kv_blocks)  # admitted as this call was cancelled
             current = asyncio.current_task()
             if queued.aborted and not (current is not None and current.cancelling()):
                 return False

@@ -7,8 +7,10 @@ import asyncio
 
 import pytest
 
+from pdserve.api.client import build_request
 from pdserve.api.errors import CapacityExceeded
 from pdserve.router.admission import Admission
+from pdserve.router.router import Router
 
 
 def run(coro):
@@ -168,5 +170,26 @@ def test_without_a_known_pool_admission_does_not_limit():
         for _ in range(5):
             await a.acquire(1000)
         assert a.charged == 5000
+
+    run(scenario())
+
+
+def test_a_request_cancelled_right_after_its_admission_returns_its_blocks(tokenizer):
+    """The admission completes, then the call is cancelled before it resumes: the blocks it
+    was charged must come back."""
+
+    async def scenario():
+        router = Router(tokenizer, {}, {}, vocab_size=tokenizer.vocab_size, max_model_len=64)
+        router.admission.set_capacity("decode-0", 1)
+        await router.admission.acquire(1)
+        call = asyncio.ensure_future(router.generate(build_request([5, 6, 7]), send=None))
+        await settle()
+        assert router.num_queued == 1
+        router.admission.release(1)  # admits it ...
+        await asyncio.sleep(0)  # ... and its admission finishes
+        call.cancel()  # before the call itself runs on
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert router.admission.charged == 0 and router.num_inflight == 0
 
     run(scenario())
