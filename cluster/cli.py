@@ -14,6 +14,7 @@ from pdserve import __version__
 from pdserve.api.errors import PdserveError
 from pdserve.api.sampling import SamplingParams
 from pdserve.cluster.config import DEVICES, DTYPES, ClusterConfig
+from pdserve.router.logs import install as install_request_logs
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_SAMPLING = SamplingParams()
@@ -164,10 +165,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.cluster.launcher import serve
 
     config = _cluster_config(args, print)
-    if args.listen:
-        config = dataclasses.replace(
-            config, router=dataclasses.replace(config.router, listen=args.listen)
-        )
+    doors = {"listen": args.listen, "openai_listen": args.openai_listen}
+    doors = {key: value for key, value in doors.items() if value}
+    if doors:
+        config = dataclasses.replace(config, router=dataclasses.replace(config.router, **doors))
     host = config.router.listen.rpartition(":")[0]
     print(
         f"pdserve: starting Ray and {config.prefill.workers} prefill + {config.decode.workers} "
@@ -175,8 +176,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
 
-    def ready(port: int) -> None:
+    def ready(port: int, http_port: int | None) -> None:
         print(f"pdserve: serving {config.model} on {host}:{port} (Ctrl-C stops)", flush=True)
+        if http_port is not None:
+            http_host = config.router.openai_listen or config.router.metrics_listen or ""
+            what = "OpenAI API and /metrics" if config.router.openai_listen else "/metrics"
+            print(f"pdserve: {what} on http://{http_host.rpartition(':')[0]}:{http_port}")
 
     try:
         serve(config, args.address, ready)
@@ -332,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_flags(p)
     p.add_argument("--address", help="Ray address to join (default: start Ray locally)")
     p.add_argument("--listen", help="HOST:PORT to serve on (default: router.listen)")
+    p.add_argument(
+        "--openai-listen",
+        help="HOST:PORT of the OpenAI-compatible HTTP API and /metrics (default: "
+        "router.openai_listen, off when unset)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = command("status", "the workers of a running cluster; exit 0 when serving")
@@ -412,7 +422,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level)
+    for handler in logging.getLogger().handlers:
+        install_request_logs(handler, "%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (PdserveError, ValueError, OSError) as e:
