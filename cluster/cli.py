@@ -350,32 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(p)
     p.set_defaults(func=cmd_status)
 
-    p = command("bench", "TTFT, time per output token and throughput of a cluster")
-    p.add_argument("--server", help="HOST:PORT of a running router (default: none)")
-    p.add_argument("--rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
-    p.add_argument("--num", type=int, default=64, help="number of requests")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
-    p.add_argument("--max-tokens", type=int, default=64, help="output tokens")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
-    p.add_argument("--colocated", action="store_true", help="also run one in-process engine")
-    p.add_argument("--model", help="model folder for --colocated (default: none)")
-    p.add_argument(
-        "--num-blocks", type=int, default=512, help="KV blocks of the --colocated engine"
-    )
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype of --colocated")
-    p.add_argument("--device", default="cpu", choices=DEVICES, help="device of --colocated")
-    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-    p.add_argument(
-        "--workload",
-        choices=["single", "multi-turn"],
-        default="single",
-        help="single: independent prompts; multi-turn: conversations sharing a system prompt",
-    )
-    p.add_argument("--conversations", type=int, default=32, help="multi-turn: conversations")
-    p.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
-    p.add_argument("--concurrency", type=int, default=8, help="multi-turn: chats at a time")
-    p.add_argument("--system-len", type=int, default=200, help="multi-turn: shared prefix")
-    p.add_argument("--user-len", type=int, default=32, help="multi-turn: tokens per user turn")
+    p = command("bench", "load report of a cluster: latencies, throughput, goodput, plots")
+    from pdserve.cluster.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
     _add_connection_flags(p)
     p.set_defaults(func=cmd_bench)
 

@@ -79,6 +79,8 @@ class OpenAIRoutes:
             "created": self._created,
             "owned_by": "pdserve",
             "max_model_len": self._router.max_model_len,
+            # pdserve's own: what token-id prompts may hold (`pdserve bench` reads it)
+            "vocab_size": self._router.vocab_size,
         }
         return web.json_response({"object": "list", "data": [model]})
 
