@@ -155,9 +155,9 @@ def make_target(args: argparse.Namespace, model: str) -> Target:
 
 
 def workload(
-    args: argparse.Namespace, rate: float, vocab_size: int, max_model_len: int
+    args: argparse.Namespace, seed: int, rate: float, vocab_size: int, max_model_len: int
 ) -> list[BenchRequest]:
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     if args.trace:
         return read_trace(args.trace, vocab_size, rng, max_model_len)
     prompt = Lengths(args.prompt_len, args.lengths, args.length_spread)
@@ -198,7 +198,11 @@ def run_bench(args: argparse.Namespace) -> int:
             f"bench: prompt-len + max-tokens must fit the context of {max_model_len} tokens"
         )
     rates = args.sweep or [args.rate]
-    runs = [(rate, workload(args, rate, vocab_size, max_model_len)) for rate in rates]
+    # NOTE: each rate of a sweep gets prompts of its own, so no run hits the cache of another.
+    runs = [
+        (rate, workload(args, args.seed + i, rate, vocab_size, max_model_len))
+        for i, rate in enumerate(rates)
+    ]
     result: dict = {
         "target": "openai" if args.openai_url else "grpc",
         "model": model,

@@ -121,7 +121,7 @@ def summarize(records: Sequence[RequestRecord], elapsed: float, slo: Slo = Slo()
         "transfer_ms": stats([r.transfer_s for r in transfers]),
         "transfers": len(transfers),
         "transfer_bytes": transfer_bytes,
-        "transfer_gbps": transfer_bytes / transfer_s / 1e9 if transfer_s > 0 else None,
+        "transfer_bytes_per_s": transfer_bytes / transfer_s if transfer_s > 0 else None,
     }
 
 
@@ -154,7 +154,7 @@ def format_report(name: str, s: dict) -> str:
     hit = s["prefix_hit_rate"]
     slo = s["slo"]
     bounds = ", ".join(f"{k.removesuffix('_ms').upper()} <= {v} ms" for k, v in slo.items() if v)
-    gbps = s["transfer_gbps"]
+    bandwidth = s["transfer_bytes_per_s"]
     lines = [
         f"== {name}: {s['completed']}/{s['requests']} requests completed, {s['failed']} failed, "
         f"in {s['elapsed_s']:.2f} s",
@@ -165,6 +165,6 @@ def format_report(name: str, s: dict) -> str:
         f"prefix hit  {'-' if hit is None else f'{100 * hit:.1f}%'} of prompt tokens",
         *(ms(k) for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "transfer_ms")),
         f"KV moved    {s['transfers']} transfers, {s['transfer_bytes'] / 1e6:.1f} MB"
-        + ("" if gbps is None else f", {gbps:.2f} GB/s while moving"),
+        + ("" if bandwidth is None else f", {bandwidth / 1e6:.1f} MB/s while moving"),
     ]
     return "\n".join(lines)

@@ -66,5 +66,5 @@ def test_prefix_hit_rate_and_transfer_figures():
     s = summarize([a, b], elapsed=1.0)
     assert s["prefix_hit_rate"] == pytest.approx(150 / 400)
     assert (s["transfers"], s["transfer_bytes"]) == (1, 8_000_000)
-    assert s["transfer_gbps"] == pytest.approx(2.0)
+    assert s["transfer_bytes_per_s"] == pytest.approx(2e9)
     assert s["transfer_ms"]["p50"] == pytest.approx(4.0)
