@@ -10,6 +10,7 @@ given always holds), over the run's wall time.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -102,6 +103,11 @@ def summarize(records: Sequence[RequestRecord], elapsed: float, slo: Slo = Slo()
         "requests": len(records),
         "completed": len(done),
         "failed": len(records) - len(done),
+        # by status (gRPC code, or HTTP status), with the first message of each
+        "errors": {
+            kind: {"count": n, "example": next(r.error for r in records if _kind(r) == kind)}
+            for kind, n in Counter(_kind(r) for r in records if r.error).items()
+        },
         "elapsed_s": elapsed,
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
@@ -123,6 +129,10 @@ def summarize(records: Sequence[RequestRecord], elapsed: float, slo: Slo = Slo()
         "transfer_bytes": transfer_bytes,
         "transfer_bytes_per_s": transfer_bytes / transfer_s if transfer_s > 0 else None,
     }
+
+
+def _kind(r: RequestRecord) -> str:
+    return r.error.split(":")[0]
 
 
 def stats(seconds: Sequence[float]) -> dict[str, float | None]:
@@ -166,5 +176,8 @@ def format_report(name: str, s: dict) -> str:
         *(ms(k) for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "transfer_ms")),
         f"KV moved    {s['transfers']} transfers, {s['transfer_bytes'] / 1e6:.1f} MB"
         + ("" if bandwidth is None else f", {bandwidth / 1e6:.1f} MB/s while moving"),
+    ]
+    lines += [
+        f"failed      {e['count']} x {kind}, e.g. {e['example']}" for kind, e in s["errors"].items()
     ]
     return "\n".join(lines)

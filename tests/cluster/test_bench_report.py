@@ -30,6 +30,7 @@ def test_goodput_counts_requests_within_both_slos_over_the_wall_time():
     assert s["goodput"] == pytest.approx(2 / 2.0)
     assert s["slo_attainment"] == pytest.approx(2 / 5)
     assert (s["completed"], s["failed"]) == (4, 1)
+    assert s["errors"] == {"UNAVAILABLE": {"count": 1, "example": "UNAVAILABLE: gone"}}
     assert s["request_throughput"] == pytest.approx(4 / 2.0)
     assert s["output_throughput"] == pytest.approx(44 / 2.0)
     assert s["total_token_throughput"] == pytest.approx((400 + 44) / 2.0)
