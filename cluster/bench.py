@@ -332,7 +332,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     report.add_argument(
         "--json", action="store_true", help="print one JSON object on the last line"
     )
-    report.add_argument("--plot", metavar="DIR", help="write PNG plots there (needs matplotlib)")
+    report.add_argument(
+        "--plot", metavar="DIR", help="write PNG plots there (default: none; needs matplotlib)"
+    )
     colocated = p.add_argument_group("colocated baseline")
     colocated.add_argument(
         "--colocated", action="store_true", help="also run one in-process engine"

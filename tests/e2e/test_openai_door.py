@@ -44,9 +44,14 @@ def test_a_completion_has_the_grpc_doors_tokens_and_usage(cluster, client, oai):
         model=cluster.router.model_name,
         prompt=PROMPT,
         max_tokens=12,
+        logprobs=2,
         extra_body={"ignore_eos": True},
     )
     assert result.choices[0].text == grpc_result.text
+    logprobs = result.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 12
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs)  # a dict: equal strings merge
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
     assert result.choices[0].finish_reason == "length"
     assert result.usage.prompt_tokens == len(grpc_result.prompt_token_ids)
     assert result.usage.completion_tokens == 12
