@@ -94,6 +94,8 @@ def read_trace(
                 f"fit the context of {max_model_len} tokens"
             )
         out.append(BenchRequest(arrival, random_tokens(prompt_len, vocab_size, rng), output_len))
+    if not out:
+        raise ValueError(f"{path} holds no request")
     return sorted(out, key=lambda r: r.arrival_s)
 
 
