@@ -155,6 +155,6 @@ class OpenAIRoutes:
 
 async def _json(request: web.Request) -> Any:
     try:
-        return await request.json(loads=json.loads)
+        return await request.json()
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise InvalidRequest("body", f"not valid JSON: {e}") from None
