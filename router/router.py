@@ -27,8 +27,11 @@ from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.admission import Admission
 from pdserve.router.auth import ServerTLS
 from pdserve.router.errors import RequestFailed
+from pdserve.router.http import HttpServer, start_http
 from pdserve.router.index import RadixIndex
 from pdserve.router.kv_feed import ActorKVSource, KVFeed
+from pdserve.router.logs import REQUEST_ID
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.placement import Assignment, Demand, Placer
 from pdserve.router.request_table import FinishedRequest, RequestTable
 from pdserve.router.responses import ResponseBuilder
@@ -138,6 +141,8 @@ class Router:
         self._queued: dict[tuple[str, str], _Queued] = {}  # waiting for KV blocks
         self._background: set[asyncio.Task[Any]] = set()
         self._server: RunningServer | None = None
+        self._http: HttpServer | None = None
+        self.metrics = RouterMetrics(lambda: self._num_arrived, lambda: self.num_queued)
 
     @property
     def num_inflight(self) -> int:
@@ -148,21 +153,40 @@ class Router:
     def num_queued(self) -> int:
         return self.admission.num_queued
 
+    @property
+    def http_port(self) -> int | None:
+        return None if self._http is None else self._http.port
+
     async def start(
-        self, listen: str, *, tls: ServerTLS | None = None, api_keys: Collection[str] = ()
+        self,
+        listen: str,
+        *,
+        tls: ServerTLS | None = None,
+        api_keys: Collection[str] = (),
+        http_listen: str | None = None,
+        openai: bool = False,
     ) -> int:
         """Starts consuming the decode workers' streams and every worker's KV events, and
         serving on `listen` (host:port; port 0 picks a free one), over TLS when `tls` is
-        given, requiring one of `api_keys` when there are any. Returns the bound port."""
+        given, requiring one of `api_keys` when there are any. With `http_listen`, the HTTP
+        door serves `/metrics` there, and the OpenAI API too with `openai`, under the same TLS
+        and keys. Returns the bound gRPC port."""
         await self._learn_kv_capacity()
         self._server = await start_server(self, listen, tls=tls, api_keys=api_keys)
+        if http_listen is not None:
+            self._http = await start_http(
+                self, http_listen, openai=openai, tls=tls, api_keys=api_keys
+            )
         self._streams.start()
         self._kv_feed.start()
         return self._server.port
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Lets RPCs in flight finish for `grace` seconds, cancels the rest (aborting their
-        requests on the workers), then stops consuming streams."""
+        """Lets requests in flight finish for `grace` seconds, cancels the rest (aborting them
+        on the workers), then stops consuming streams."""
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -182,18 +206,40 @@ class Router:
         deadline_s: float | None = None,
     ) -> None:
         """Runs one request, calling `send` for each response message; raises a
-        `PdserveError` to end the RPC with its status code. `owner` scopes the request id
-        (the caller's API key digest); `deadline_s` is the time the caller has left."""
+        `PdserveError` to end the RPC with its status code. Both doors (gRPC and HTTP) come
+        here; the request's metrics are observed and its log lines carry its id. `owner`
+        scopes the request id (`auth.key_owner`); `deadline_s` is the time the caller has left.
+        The request counts in flight from its arrival to its end."""
         arrival = time.monotonic()
-        if self._num_arrived >= self.max_inflight:
-            raise CapacityExceeded(
-                f"{self._num_arrived} requests in flight; the router takes {self.max_inflight}"
-            )
-        self._num_arrived += 1
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        token = REQUEST_ID.set(request.request_id)
+        final: pb.GenerateResponse | None = None
+
+        async def watch(response: pb.GenerateResponse) -> None:
+            nonlocal final
+            if response.finish_reason:
+                final = response
+            await send(response)
+
         try:
-            await self._generate(request, send, owner, arrival, deadline_s)
+            if self._num_arrived >= self.max_inflight:
+                raise CapacityExceeded(
+                    f"{self._num_arrived} requests in flight; the router takes {self.max_inflight}"
+                )
+            self._num_arrived += 1
+            try:
+                await self._generate(request, watch, owner, arrival, deadline_s)
+            finally:
+                self._num_arrived -= 1
+        except BaseException as e:
+            self.metrics.request_failed(e)
+            raise
+        else:
+            assert final is not None
+            self.metrics.request_done(final)
         finally:
-            self._num_arrived -= 1
+            REQUEST_ID.reset(token)
 
     async def _generate(
         self,
@@ -205,7 +251,7 @@ class Router:
     ) -> None:
         self.admission.refuse_if_full()  # before the request costs a tokenization
         valid = await self._validated(request, owner)
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id
         key = (owner, request_id)
         if key in self._inflight or key in self._queued:
             raise RequestFailed(
@@ -361,6 +407,7 @@ class Router:
                     result = await self.prefill_workers[worker].prefill.remote(request)
                 except Exception as e:
                     logger.warning("prefill worker %s failed (%s); decode prefills", worker, e)
+                    self.metrics.failovers.labels("prefill").inc()
                     failure = await self._prefill_on_decode(
                         request, decode, f"prefill {worker}: {e}; "
                     )

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pdserve.api.errors import InvalidRequest
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.router.auth import ApiKeyInterceptor, ServerTLS, key_owner
+from pdserve.router.auth import ApiKeyInterceptor, ServerTLS, authorization, key_owner
 from pdserve.router.errors import status_of
 from pdserve.router.validation import reject_unknown_fields
 
@@ -34,13 +34,12 @@ class GenerationServicer:
     message, or that carry a field number this server does not know, get INVALID_ARGUMENT
     like any other malformed request.
 
-    With API keys (`scoped`), a request belongs to the key that created it: its id is unique
-    per key, and only that key can abort or resume it.
+    A request belongs to the API key that created it (`auth.key_owner`): its id is unique per
+    key, and only that key can abort or resume it.
     """
 
-    def __init__(self, router: Router, scoped: bool = False) -> None:
+    def __init__(self, router: Router) -> None:
         self._router = router
-        self._scoped = scoped
 
     async def generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> None:
         await _answer(context, self._generate(raw, context))
@@ -71,7 +70,7 @@ class GenerationServicer:
         return await self._router.cluster_status()
 
     def _owner(self, context: grpc.aio.ServicerContext) -> str:
-        return key_owner(context.invocation_metadata() or ()) if self._scoped else ""
+        return key_owner(authorization(context.invocation_metadata() or ()))
 
 
 def _parse(message_type: type, raw: bytes):
@@ -140,8 +139,7 @@ async def start_server(
     `api_keys` every `Generation` call needs `authorization: Bearer <key>`."""
     interceptors = [ApiKeyInterceptor(api_keys, SERVICE_NAME)] if api_keys else []
     server = grpc.aio.server(interceptors=interceptors)
-    servicer = GenerationServicer(router, scoped=bool(api_keys))
-    server.add_generic_rpc_handlers((_handler(servicer),))
+    server.add_generic_rpc_handlers((_handler(GenerationServicer(router)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
