@@ -52,7 +52,10 @@ def start_ray(config: ClusterConfig, address: str | None) -> None:
         return
     resources = needed_resources(config)
     check_resources(config, {**resources, "GPU": local_gpu_count()}, "this machine")
+    # NOTE: "local" starts a new instance; with no address Ray joins the cluster that `ray
+    # start` (or a test's `ray.cluster_utils.Cluster`) last left in /tmp/ray/ray_current_cluster.
     ray.init(
+        address="local",
         namespace=NAMESPACE,
         include_dashboard=False,
         resources={"prefill": resources["prefill"], "decode": resources["decode"]},
@@ -176,6 +179,7 @@ async def start_router(
         max_model_len=workers.max_model_len,
         policy=settings.policy,
         max_inflight=settings.max_inflight,
+        max_queued=settings.max_queued,
         model_name=os.path.basename(os.path.abspath(config.model)),
         # NOTE: the workers' EngineConfig gets the same salt and block size, so router and
         # workers name every KV block alike.
