@@ -64,8 +64,10 @@ class DecodeWorker:
     ) -> tuple[tuple[int, int, ChannelAddress], ...]:
         return await self._svc.open_channel(prefill_id, prefill_tp)
 
-    async def rank_landed(self, attempt_id: str, rank: int, source: int, error: str) -> None:
-        await self._svc.rank_landed(attempt_id, rank, source, error)
+    async def rank_landed(
+        self, attempt_id: str, rank: int, source: int, error: str, nbytes: int
+    ) -> None:
+        await self._svc.rank_landed(attempt_id, rank, source, error, nbytes)
 
     async def reserve(self, req: PrefillRequest, prefill_id: str, epoch: int) -> ReserveReply:
         return await self._svc.reserve(req, prefill_id, epoch)

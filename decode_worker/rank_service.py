@@ -128,11 +128,13 @@ class DecodeRankService:
     def _landed(self, p: int, inc: Incoming, msg: TransferDone) -> None:
         if self._receivers[p].close(inc):
             error = "" if inc.complete else f"rank {self.tp.rank}: incomplete transfer"
-            self._leader().rank_landed.remote(inc.attempt_id, self.tp.rank, p, error)
+            self._leader().rank_landed.remote(
+                inc.attempt_id, self.tp.rank, p, error, inc.bytes_landed
+            )
 
     def _cancelled(self, p: int, inc: Incoming) -> None:
         self._receivers[p].close(inc)  # rank 0 hears the cancel on its own channel
 
     def _failed(self, p: int, inc: Incoming, reason: str) -> None:
         if self._receivers[p].close(inc):
-            self._leader().rank_landed.remote(inc.attempt_id, self.tp.rank, p, reason)
+            self._leader().rank_landed.remote(inc.attempt_id, self.tp.rank, p, reason, 0)

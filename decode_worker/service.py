@@ -5,7 +5,8 @@ runs between steps, so the actor's event loop stays free to take the next call a
 nothing needs a lock. KV arrives through `KVReceiver` into blocks the engine reserved (and
 counts as used). This worker
 alone decides when a request falls back to local prefill: when its transfer fails, goes silent
-or arrives incomplete, or when another part reports that it could not deliver the KV.
+or arrives incomplete, when another part reports that it could not deliver the KV, or when its
+blocks are too busy to reserve (the request then waits here for them instead of failing).
 
 A worker of TP size N is this service on rank 0 and N-1 `DecodeRankService`s (`ranks`, their
 Ray handles), which run every step with it and receive their own KV heads on channels of their
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from pdserve.api.errors import PdserveError
+from pdserve.api.errors import CapacityExceeded, PdserveError
 from pdserve.api.messages import (
     ChannelAddress,
     PrefillRequest,
@@ -86,6 +87,7 @@ class DecodeService:
         # part's closing message while the others are awaited.
         self._awaiting: dict[str, set[tuple[int, int]]] = {}
         self._landed: dict[str, tuple[TransferDone, float]] = {}
+        self._landed_bytes: dict[str, int] = {}  # of the parts landed so far
         self._core = EngineThread(f"engine-{worker_id}", self._step)
         self._receiver = self._new_receiver(self._admit, self._release, self._fall_back)
         self._extra: dict[int, KVReceiver] = {}  # from prefill ranks > 0, by prefill rank
@@ -152,10 +154,12 @@ class DecodeService:
         await self._core.call(self._release_attempt, aid)
         return ReserveReply(stale_channel=True)
 
-    async def rank_landed(self, attempt_id: str, rank: int, source: int, error: str) -> None:
-        """Rank `rank`'s part of a transfer from prefill rank `source` landed (`error` empty)
-        or failed."""
-        self._core.post(self._part_landed, attempt_id, (rank, source), error)
+    async def rank_landed(
+        self, attempt_id: str, rank: int, source: int, error: str, nbytes: int
+    ) -> None:
+        """Rank `rank`'s part of a transfer from prefill rank `source` landed (`error` empty,
+        `nbytes` of KV) or failed."""
+        self._core.post(self._part_landed, attempt_id, (rank, source), error, nbytes)
 
     async def prefill_locally(self, req: PrefillRequest) -> bool:
         """Prefills a request here: the router's choice for a short uncached tail, or a report
@@ -225,14 +229,14 @@ class DecodeService:
     def _part_done(self, p: int, inc: Incoming, msg: TransferDone) -> None:
         if self._extra[p].close(inc):
             error = "" if inc.complete else f"incomplete transfer from prefill rank {p}"
-            self._part_landed(inc.attempt_id, (0, p), error)
+            self._part_landed(inc.attempt_id, (0, p), error, inc.bytes_landed)
 
     def _part_closed(self, p: int, inc: Incoming) -> None:
         self._extra[p].close(inc)  # the main part hears the cancel too
 
     def _part_failed(self, p: int, inc: Incoming, reason: str) -> None:
         if self._extra[p].close(inc):
-            self._part_landed(inc.attempt_id, (0, p), reason)
+            self._part_landed(inc.attempt_id, (0, p), reason, 0)
 
     def _reserve(
         self, req: PrefillRequest, prefill_id: str, epoch: int
@@ -247,6 +251,11 @@ class DecodeService:
             cached = self.engine.reserve(
                 aid, req.prompt_token_ids, req.params, req.output_token_ids
             )
+        except CapacityExceeded:
+            # NOTE: busy blocks are no reason to refuse: the request waits in this engine's
+            # queue and is computed here once blocks free (the scheduler preempts if it must).
+            self._prefill_locally(req, time.monotonic())
+            return ReserveReply(queued_here=True), []
         except PdserveError as e:
             return ReserveReply(error_code=e.grpc_code, error=str(e)), []
         num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
@@ -300,6 +309,7 @@ class DecodeService:
         worker gave the transfer up (an abort, or rank 0's part failing first), and is not
         guarded against yet."""
         self._landed.pop(attempt_id, None)
+        self._landed_bytes.pop(attempt_id, None)
         if self._awaiting.pop(attempt_id, None) is not None:
             for receiver in self._extra.values():
                 inc = receiver.get(attempt_id)
@@ -320,9 +330,10 @@ class DecodeService:
             self._fall_back_closed(aid, f"incomplete transfer (layers reached {inc.layer_end})")
             return
         self._landed[aid] = (msg, self._receiver.transfer_seconds(inc, msg))
+        self._landed_bytes[aid] = self._landed_bytes.get(aid, 0) + inc.bytes_landed
         self._admit_if_landed(aid)
 
-    def _part_landed(self, attempt_id: str, part: tuple[int, int], error: str) -> None:
+    def _part_landed(self, attempt_id: str, part: tuple[int, int], error: str, nbytes: int) -> None:
         waiting = self._awaiting.get(attempt_id)
         if waiting is None:
             return  # the request went another way already
@@ -332,6 +343,7 @@ class DecodeService:
                 self._fall_back_closed(attempt_id, error)
             return
         waiting.discard(part)
+        self._landed_bytes[attempt_id] = self._landed_bytes.get(attempt_id, 0) + nbytes
         self._admit_if_landed(attempt_id)
 
     def _admit_if_landed(self, attempt_id: str) -> None:
@@ -342,7 +354,8 @@ class DecodeService:
         msg, transfer_s = self._landed.pop(attempt_id)
         info = self._requests[attempt_id]
         info.cached_prompt_tokens = msg.cached_prompt_tokens
-        info.timings = Timings(msg.queue_s, msg.prefill_s, transfer_s)
+        transfer_bytes = self._landed_bytes.pop(attempt_id, 0)
+        info.timings = Timings(msg.queue_s, msg.prefill_s, transfer_s, transfer_bytes)
         out = self.engine.admit_prefilled(attempt_id, msg.first_token, msg.first_logprobs)
         self._emit([out])
 
