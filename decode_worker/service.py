@@ -63,6 +63,18 @@ class _RequestInfo:
     timings: Timings = field(default_factory=Timings)
 
 
+@dataclass
+class _Parts:
+    """A transfer's parts, by (decode rank, prefill rank), that have not landed yet, and what
+    the landed ones brought: the main part's closing message and transfer time, and the KV
+    bytes of all."""
+
+    awaiting: set[tuple[int, int]]
+    done: TransferDone | None = None
+    transfer_s: float = 0.0
+    nbytes: int = 0
+
+
 class DecodeService:
     def __init__(
         self,
@@ -83,11 +95,7 @@ class DecodeService:
         # epoch of each part's channel, by (decode rank, prefill rank).
         self._routes: dict[str, list[Route]] = {}
         self._epochs: dict[str, dict[tuple[int, int], int]] = {}
-        # On the engine thread: the parts of a transfer that have not landed yet, and the main
-        # part's closing message while the others are awaited.
-        self._awaiting: dict[str, set[tuple[int, int]]] = {}
-        self._landed: dict[str, tuple[TransferDone, float]] = {}
-        self._landed_bytes: dict[str, int] = {}  # of the parts landed so far
+        self._parts: dict[str, _Parts] = {}  # on the engine thread: transfers in flight
         self._core = EngineThread(f"engine-{worker_id}", self._step)
         self._receiver = self._new_receiver(self._admit, self._release, self._fall_back)
         self._extra: dict[int, KVReceiver] = {}  # from prefill ranks > 0, by prefill rank
@@ -265,7 +273,7 @@ class DecodeService:
             self._extra[p].expect(aid, prefill_id, block_ids, num_tokens, cached, inc.transfer_id)
         self._requests[aid] = _RequestInfo(len(req.prompt_token_ids), prefilled_by=prefill_id)
         parts = {(r.decode_rank, r.prefill_rank) for r in self._routes.get(prefill_id, ())}
-        self._awaiting[aid] = parts - {(0, 0)}
+        self._parts[aid] = _Parts(parts - {(0, 0)})
         return ReserveReply(transfer_id=inc.transfer_id, cached_tokens=cached), block_ids
 
     def _prefill_locally(self, req: PrefillRequest, arrived: float) -> bool:
@@ -274,7 +282,8 @@ class DecodeService:
         if inc is not None:
             self._fall_back(inc, "the prefill side reported a failure")
             return True
-        if aid in self._landed:  # rank 0's part landed; another rank's never will
+        parts = self._parts.get(aid)
+        if parts is not None and parts.done is not None:  # the main part landed, another won't
             self._fall_back_closed(aid, "the prefill side reported a failure")
             return True
         if self.engine.has_request(aid):
@@ -308,9 +317,7 @@ class DecodeService:
         transfer could then overwrite it. That needs a prefill worker still sending after this
         worker gave the transfer up (an abort, or rank 0's part failing first), and is not
         guarded against yet."""
-        self._landed.pop(attempt_id, None)
-        self._landed_bytes.pop(attempt_id, None)
-        if self._awaiting.pop(attempt_id, None) is not None:
+        if self._parts.pop(attempt_id, None) is not None:
             for receiver in self._extra.values():
                 inc = receiver.get(attempt_id)
                 if inc is not None:
@@ -329,33 +336,33 @@ class DecodeService:
         if not inc.complete:
             self._fall_back_closed(aid, f"incomplete transfer (layers reached {inc.layer_end})")
             return
-        self._landed[aid] = (msg, self._receiver.transfer_seconds(inc, msg))
-        self._landed_bytes[aid] = self._landed_bytes.get(aid, 0) + inc.bytes_landed
-        self._admit_if_landed(aid)
+        parts = self._parts[aid]
+        parts.done, parts.transfer_s = msg, self._receiver.transfer_seconds(inc, msg)
+        parts.nbytes += inc.bytes_landed
+        self._admit_if_landed(aid, parts)
 
     def _part_landed(self, attempt_id: str, part: tuple[int, int], error: str, nbytes: int) -> None:
-        waiting = self._awaiting.get(attempt_id)
-        if waiting is None:
+        parts = self._parts.get(attempt_id)
+        if parts is None:
             return  # the request went another way already
         if error:
             inc = self._receiver.get(attempt_id)
             if inc is None or self._receiver.close(inc):
                 self._fall_back_closed(attempt_id, error)
             return
-        waiting.discard(part)
-        self._landed_bytes[attempt_id] = self._landed_bytes.get(attempt_id, 0) + nbytes
-        self._admit_if_landed(attempt_id)
+        parts.awaiting.discard(part)
+        parts.nbytes += nbytes
+        self._admit_if_landed(attempt_id, parts)
 
-    def _admit_if_landed(self, attempt_id: str) -> None:
+    def _admit_if_landed(self, attempt_id: str, parts: _Parts) -> None:
         """Admits the request once the main part and every other part have landed."""
-        if attempt_id not in self._landed or self._awaiting[attempt_id]:
+        msg = parts.done
+        if msg is None or parts.awaiting:
             return
-        del self._awaiting[attempt_id]
-        msg, transfer_s = self._landed.pop(attempt_id)
+        del self._parts[attempt_id]
         info = self._requests[attempt_id]
         info.cached_prompt_tokens = msg.cached_prompt_tokens
-        transfer_bytes = self._landed_bytes.pop(attempt_id, 0)
-        info.timings = Timings(msg.queue_s, msg.prefill_s, transfer_s, transfer_bytes)
+        info.timings = Timings(msg.queue_s, msg.prefill_s, parts.transfer_s, parts.nbytes)
         out = self.engine.admit_prefilled(attempt_id, msg.first_token, msg.first_logprobs)
         self._emit([out])
 
