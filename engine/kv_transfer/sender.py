@@ -30,7 +30,7 @@ import torch
 from pdserve.api.errors import NotFound, RemoteError, TransferFailed
 from pdserve.api.messages import ChannelAddress, PrefillRequest, ReserveReply
 from pdserve.engine.kv_pool import blocks_for
-from pdserve.engine.kv_transfer.channel import SENDER, KVChannel
+from pdserve.engine.kv_transfer.channel import KVChannel
 from pdserve.engine.kv_transfer.messages import (
     KeepAlive,
     KVChunk,
@@ -76,11 +76,14 @@ class Outgoing:
 
 class KVSender:
     """`decode_handle(worker_id)` returns the Ray handle of a decode worker (its leader rank);
-    `block_ids(attempt_id)` the blocks of a request in the local engine."""
+    `block_ids(attempt_id)` the blocks of a request in the local engine. Channels listen on
+    `host` and prove the cluster's `secret` to the decode side."""
 
     def __init__(
         self,
         worker_id: str,
+        host: str,
+        secret: bytes,
         kv_cache: torch.Tensor,
         block_size: int,
         block_ids: Callable[[str], list[int]],
@@ -89,6 +92,8 @@ class KVSender:
         post: Callable[..., None],
     ) -> None:
         self.worker_id = worker_id
+        self._host = host
+        self._secret = secret
         self._kv_cache = kv_cache
         self._block_size = block_size
         self._block_ids = block_ids
@@ -321,7 +326,13 @@ class KVSender:
         device = self._kv_cache.device
         try:
             kv = await asyncio.to_thread(
-                KVChannel.join, addr.host, addr.port, SENDER, device, self._timeout_s
+                KVChannel.connect,
+                addr.host,
+                addr.port,
+                self._host,
+                device,
+                self._timeout_s,
+                self._secret,
             )
         except Exception as e:  # the store or the group could not be reached
             raise TransferFailed(f"cannot join the KV channel of {decode_id}: {e}") from e
