@@ -72,5 +72,7 @@ class PrefillWorker:
         async for batch in self._svc.kv_events():
             yield batch
 
-    async def inject_fault(self, decode_id: str, after_messages: int) -> None:
-        await self._svc.inject_fault(decode_id, after_messages)
+    async def inject_fault(
+        self, decode_id: str, after_messages: int | None, stall: bool = False
+    ) -> None:
+        await self._svc.inject_fault(decode_id, after_messages, stall)

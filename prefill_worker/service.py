@@ -141,8 +141,11 @@ class PrefillService:
         done.set_result(PrefillResult(attempt_id, False, "CANCELLED", "aborted"))
         return await self._core.call(self._abort, attempt_id)
 
-    async def inject_fault(self, decode_id: str, after_messages: int) -> None:
-        await self._core.call(self._sender.inject_fault, decode_id, after_messages)
+    async def inject_fault(
+        self, decode_id: str, after_messages: int | None, stall: bool = False
+    ) -> None:
+        """Chaos hook: see `KVSender.inject_fault`."""
+        await self._core.call(self._sender.inject_fault, decode_id, after_messages, stall)
 
     async def kv_snapshot(self) -> bytes:
         return await self._core.call(self._events.snapshot)

@@ -50,7 +50,8 @@ class _Channel:
     decode_id: str
     kv: KVChannel
     epoch: int
-    fail_after_messages: int | None = None
+    fail_after_messages: int | None = None  # chaos hook: see `inject_fault`
+    stall: bool = False
     unlinked: bool = False
 
 
@@ -103,6 +104,7 @@ class KVSender:
         self._channels: dict[str, _Channel] = {}
         self._channels_lock = threading.Lock()
         self._opening: dict[str, asyncio.Task[_Channel]] = {}
+        self._handshake_faults: dict[str, bool] = {}  # decode id -> stall (chaos hook)
         self._transfers: dict[str, Outgoing] = {}
         self._closed_bytes = 0
         self.blocks_sent = 0
@@ -261,7 +263,8 @@ class KVSender:
         live = {id(t.channel): t.channel for t in self._transfers.values() if t.channel}
         for chan in live.values():
             fresh = now - chan.kv.last_send <= self._timeout_s / 4
-            if fresh or self._channels.get(chan.decode_id) is not chan:
+            faulty = chan.fail_after_messages is not None  # an injected fault: no keep-alives
+            if fresh or faulty or self._channels.get(chan.decode_id) is not chan:
                 continue
             try:
                 chan.kv.send(KeepAlive())
@@ -269,13 +272,23 @@ class KVSender:
             except TransferFailed as e:
                 self._channel_failed(chan, e)
 
-    def inject_fault(self, decode_id: str, after_messages: int) -> None:
-        """Chaos hook: close the channel to `decode_id` after it sends `after_messages` more
-        messages, as a dying link would, mid-transfer."""
+    def inject_fault(self, decode_id: str, after_messages: int | None, stall: bool) -> None:
+        """Chaos hook: the channel to `decode_id` breaks as a dying link would. With
+        `after_messages`, the open channel does after sending that many more messages; with
+        None, the next channel to it does at its handshake (the open one is closed). A broken
+        channel closes (the decode worker sees it fail at once), or with `stall` goes silent
+        (it sees nothing until its timeout); at the handshake, closing is a peer without the
+        cluster's secret."""
         chan = self._channels.get(decode_id)
+        if after_messages is None:
+            self._handshake_faults[decode_id] = stall
+            if chan is not None:
+                self._unlink(chan)
+                chan.kv.close()
+            return
         if chan is None:
             raise NotFound(f"no KV channel to {decode_id}")
-        chan.fail_after_messages = after_messages
+        chan.fail_after_messages, chan.stall = after_messages, stall
 
     def _send_chunk(self, t: Outgoing, chunk: KVChunk) -> None:
         """Sends the tokens of `chunk` that the decode worker does not hold already."""
@@ -293,6 +306,8 @@ class KVSender:
         try:
             if chan.fail_after_messages is not None:
                 if chan.fail_after_messages <= 0:
+                    if chan.stall:
+                        return
                     raise TransferFailed("channel closed by an injected fault")
                 chan.fail_after_messages -= 1
             chan.kv.send(msg)
@@ -324,6 +339,13 @@ class KVSender:
             self.worker_id
         )
         device = self._kv_cache.device
+        secret = self._secret
+        stall = self._handshake_faults.pop(decode_id, None)
+        if stall:
+            await asyncio.sleep(self._timeout_s)
+            raise TransferFailed(f"the handshake with {decode_id} stalled (an injected fault)")
+        if stall is not None:
+            secret = b"not the cluster's secret"
         try:
             kv = await asyncio.to_thread(
                 KVChannel.connect,
@@ -332,7 +354,7 @@ class KVSender:
                 self._host,
                 device,
                 self._timeout_s,
-                self._secret,
+                secret,
             )
         except Exception as e:  # the store or the group could not be reached
             raise TransferFailed(f"cannot join the KV channel of {decode_id}: {e}") from e
