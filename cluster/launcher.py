@@ -54,6 +54,9 @@ def start_ray(config: ClusterConfig, address: str | None) -> None:
     resources = needed_resources(config)
     check_resources(config, {**resources, "GPU": local_gpu_count()}, "this machine")
     ray.init(
+        # NOTE: "local" starts an instance of our own even when another one on this machine
+        # (`ray start`, a test's cluster) is recorded in Ray's temp folder: a bare init joins it.
+        address="local",
         namespace=NAMESPACE,
         include_dashboard=False,
         resources={"prefill": resources["prefill"], "decode": resources["decode"]},

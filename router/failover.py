@@ -33,14 +33,7 @@ def broken_worker(event: Event, decode_worker: str) -> str | None:
     return None
 
 
-def continuation(
-    request: PrefillRequest, produced: Sequence[int], attempt_id: str, decode_worker: str
-) -> PrefillRequest:
+def continuation(request: PrefillRequest, produced: Sequence[int]) -> PrefillRequest:
     """The request that continues `request` after it produced `produced` (tokens the client
     has). NOTE: the engine counts resumed output towards `max_tokens`, so the params stay."""
-    return dataclasses.replace(
-        request,
-        attempt_id=attempt_id,
-        decode_worker=decode_worker,
-        output_token_ids=request.output_token_ids + tuple(produced),
-    )
+    return dataclasses.replace(request, output_token_ids=request.output_token_ids + tuple(produced))

@@ -40,6 +40,7 @@ from pdserve.router.validation import MAX_REQUEST_ID_LEN, validate
 logger = logging.getLogger(__name__)
 
 LONG_INPUT_BYTES = 8192
+ABORT_CHECK_S = 0.25  # how often a request waiting for a decode worker checks for an abort
 
 Send = Callable[[pb.GenerateResponse], Awaitable[None]]
 
@@ -58,6 +59,10 @@ class _InFlight:
     decode_finished: bool = False
     # Set once the router asked both workers to abort (by the Abort RPC or on the way out).
     aborted: bool = False
+    # Set by the Abort RPC (which a request waiting for a decode worker to fail over to heeds).
+    abort_requested: bool = False
+    # Set once the attempt's state is dropped (`_end_attempt`).
+    ended: bool = False
 
 
 class Router:
@@ -231,8 +236,13 @@ class Router:
                         )
                     attempts += 1
                     avoid.add(broken)
-                    request_now = failover.continuation(first, builder.token_ids, "", "")
-                    flight = await self._fail_over(flight, request_now, demand, avoid)
+                    request_now = failover.continuation(first, builder.token_ids)
+                    moved = await self._fail_over(flight, request_now, demand, avoid)
+                    if moved is None:  # aborted while it waited for a decode worker
+                        end = TokenDelta(flight.attempt_id, (), finish_reason="abort")
+                        await send(builder.on_delta(end))
+                        break
+                    flight = moved
                     builder.moved_to(flight.assignment)
                     continue
                 if isinstance(event, Failure):
@@ -264,10 +274,11 @@ class Router:
 
     async def _fail_over(
         self, flight: _InFlight, request: PrefillRequest, demand: Demand, avoid: set[str]
-    ) -> _InFlight:
+    ) -> _InFlight | None:
         """Ends the broken attempt and starts the continuation `request` on another decode
-        worker, waiting (up to `failover.WAIT_FOR_DECODE_S`) for one to be up. A decode worker
-        that failed this request is tried again only when it is the only one up."""
+        worker, waiting (up to `failover.WAIT_FOR_DECODE_S`) for one to be up; None if the
+        request is aborted meanwhile. A decode worker that failed this request is tried again
+        only when it is the only one up."""
         logger.warning(
             "request %s: moving off decode worker %s with %d tokens of output",
             flight.request_id,
@@ -282,6 +293,8 @@ class Router:
         )
         deadline = time.monotonic() + failover.WAIT_FOR_DECODE_S
         while True:
+            if flight.abort_requested:
+                return None
             up = set(self.registry.up("decode"))
             avoiding = frozenset(avoid) if up - avoid else frozenset()
             try:
@@ -291,7 +304,7 @@ class Router:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise
-                await self.registry.wait_for_change(left)
+                await self.registry.wait_for_change(min(left, ABORT_CHECK_S))
         flight = self._attempt(flight.request_id, request, assignment)
         self._inflight[flight.request_id] = flight
         return flight
@@ -301,6 +314,7 @@ class Router:
         flight = self._inflight.get(request_id)
         if flight is None:
             raise NotFound(f"request_id: no request {request_id!r} is in flight")
+        flight.abort_requested = True
         attempt = flight.attempt_id
         self._streams.push(attempt, TokenDelta(attempt, (), finish_reason="abort"))
         await self._abort_on_workers(flight)
@@ -351,8 +365,11 @@ class Router:
         return None
 
     def _end_attempt(self, flight: _InFlight) -> None:
-        """Drops an attempt's state; unless the decode worker finished it, aborts it on the
-        workers in the background (this runs on cancellation too, so it must not wait)."""
+        """Drops an attempt's state, once; unless the decode worker finished it, aborts it on
+        the workers in the background (this runs on cancellation too, so it must not wait)."""
+        if flight.ended:
+            return
+        flight.ended = True
         self._streams.unregister(flight.attempt_id)
         self._placer.decode_done(flight.assignment)
         if not flight.decode_finished:

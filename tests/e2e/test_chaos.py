@@ -10,10 +10,12 @@ both sides; its name sorts before the modules that share the session's 1P+1D clu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -88,6 +90,7 @@ class Spec:
     temperature: float = 0.0
     seed: int | None = None
     decode_worker: str = ""
+    request_id: str = ""
 
 
 @dataclass
@@ -136,6 +139,7 @@ class Load:
             seed=spec.seed,
             ignore_eos=True,
             decode_worker=spec.decode_worker,
+            request_id=spec.request_id,
         )
         try:
             for msg in stream:
@@ -189,6 +193,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
+        _wait_until(lambda: bool(self.samples), "the first sample", timeout=20)
 
     def _poll(self) -> None:
         with Client(self._target) as c:
@@ -201,6 +206,9 @@ class Monitor:
                 time.sleep(0.05)
 
     def stop(self) -> list[Sample]:
+        """Stops after one more sample (so the last sample reflects the caller's present)."""
+        taken = len(self.samples)
+        _wait_until(lambda: len(self.samples) > taken + 1, "one more sample", timeout=20)
         self._stop.set()
         self._thread.join(20)
         return self.samples
@@ -301,11 +309,13 @@ def test_a_killed_prefill_worker_loses_no_request(chaos, client, hf_model):
     g = torch.Generator().manual_seed(21)
     # NOTE: 1500 tokens take six 256-token steps on the prefill worker: time to kill it there.
     specs = [Spec(torch.randint(3, 1000, (1500,), generator=g).tolist(), 8) for _ in range(4)]
+    monitor = Monitor(chaos.target)
     load = Load(chaos.target, specs)
     _wait_until(lambda: worker_status(chaos, "prefill-0").running > 0, "prefill-0 computes")
     _kill(chaos, "prefill-0")
     outcomes = load.join()
     back_s = _wait_state(client, "prefill-0", "up", BACK_WITHIN_S)
+    samples = monitor.stop()
     leaked = _record("kill the prefill worker mid-prefill", outcomes, _leaked_blocks(chaos))
 
     for spec, got in zip(specs, outcomes):
@@ -313,6 +323,9 @@ def test_a_killed_prefill_worker_loses_no_request(chaos, client, hf_model):
         assert got.tokens == hf_greedy(hf_model, spec.prompt, spec.max_tokens)
     assert leaked == 0
     assert back_s < BACK_WITHIN_S
+    # the decode workers prefill meanwhile: the cluster serves, and says so
+    assert all(s.health == SERVING and s.serving_before and s.serving for s in samples)
+    assert monitor.states_of("prefill-0") == ["up", "restarting", "up"]
 
 
 def test_with_every_decode_worker_down_health_says_so_and_requests_wait_for_the_restart(
@@ -320,18 +333,24 @@ def test_with_every_decode_worker_down_health_says_so_and_requests_wait_for_the_
 ):
     specs = _specs(6, max_tokens=200, seed=5)
     reference = _run(chaos.target, specs)
+    specs[0] = dataclasses.replace(specs[0], request_id="aborted-while-waiting")
     monitor = Monitor(chaos.target)
     load = Load(chaos.target, specs)
     load.wait_streaming()
     for worker_id in ("decode-0", "decode-1"):
         _kill(chaos, worker_id)
+    _wait_until(lambda: not client.status().serving, "NOT serving", timeout=10)
+    client.abort("aborted-while-waiting")
     outcomes = load.join()
     for worker_id in ("decode-0", "decode-1"):
         _wait_state(client, worker_id, "up", BACK_WITHIN_S)
     samples = monitor.stop()
     leaked = _record("kill every decode worker mid-stream", outcomes, _leaked_blocks(chaos))
 
-    _assert_same_tokens(outcomes, reference)
+    aborted = outcomes[0]
+    assert aborted.code is None and aborted.finish_reason == "abort"
+    assert aborted.tokens == reference[0].tokens[: len(aborted.tokens)]
+    _assert_same_tokens(outcomes[1:], reference[1:])
     assert leaked == 0
     for s in samples:
         assert s.serving == (s.states["decode-0"] == "up" or s.states["decode-1"] == "up")
@@ -437,3 +456,23 @@ def test_no_socket_of_the_cluster_listens_beyond_loopback(chaos, client):
     assert addresses, "ss shows no listening socket of the cluster"
     hosts = {a.rpartition(":")[0] for a in addresses}
     assert hosts <= {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}, addresses  # never 0.0.0.0, *
+
+
+def test_a_worker_whose_restarts_are_spent_is_dead_and_the_rest_serve(chaos, client):
+    import ray
+
+    ray.kill(chaos.workers.decode["decode-1"], no_restart=True)
+    _wait_state(client, "decode-1", "dead", 30)
+    assert all(
+        client.complete([5, 6, 7], max_tokens=2).decode_worker == "decode-0" for _ in range(4)
+    )
+    assert health_status(chaos.target, "") == SERVING
+    cli = subprocess.run(
+        [sys.executable, "-m", "pdserve.cluster.cli", "status", "--server", chaos.target],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    lines = {line.split()[0]: line.split() for line in cli.stdout.splitlines()[2:]}
+    assert lines["decode-1"][2] == "dead" and lines["decode-0"][2] == "up"
+    assert not RAY_INTERNALS.search(cli.stdout.split("\n", 1)[1])  # the workers' lines
