@@ -59,11 +59,13 @@ class Usage:
 @dataclass(frozen=True)
 class Timings:
     """Seconds a prefill worker spent on a request: waiting for its turn, computing the
-    prompt, and waiting for KV sends that the compute did not hide."""
+    prompt, and waiting for KV sends that the compute did not hide; and the bytes of KV that
+    reached the decode worker."""
 
     queue_s: float = 0.0
     prefill_s: float = 0.0
     transfer_s: float = 0.0
+    transfer_bytes: int = 0
 
 
 @dataclass(frozen=True)

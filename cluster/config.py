@@ -71,6 +71,11 @@ class SupervisionConfig:
 @dataclass(frozen=True)
 class RouterConfig:
     listen: str = "127.0.0.1:50051"
+    # HOST:PORT of the HTTP door: the OpenAI-compatible API under /v1/ and /metrics (off when
+    # unset); same TLS and API keys as `listen`.
+    openai_listen: str | None = None
+    # HOST:PORT serving only /metrics, for a router without the OpenAI API.
+    metrics_listen: str | None = None
     policy: str = "cache_aware"
     max_inflight: int = 1024  # beyond this, new requests get RESOURCE_EXHAUSTED
     cache_weight: float = 2.0  # cache_aware: an uncached prompt token costs this many in flight
@@ -152,8 +157,16 @@ class ClusterConfig:
         )
         _check(self.router.request_table_size >= 1, "router.request_table_size", "must be >= 1")
         _check(self.router.request_table_ttl_s > 0, "router.request_table_ttl_s", "must be > 0")
-        host, sep, port = self.router.listen.rpartition(":")
-        _check(bool(sep and host and port.isdigit()), "router.listen", "must be HOST:PORT")
+        for key in ("listen", "openai_listen", "metrics_listen"):
+            value = getattr(self.router, key)
+            host, sep, port = (value or "").rpartition(":")
+            ok = value is None or bool(sep and host and port.isdigit())
+            _check(ok, f"router.{key}", "must be HOST:PORT")
+        _check(
+            self.router.openai_listen is None or self.router.metrics_listen is None,
+            "router.metrics_listen",
+            "/metrics is served on router.openai_listen already; set one of the two",
+        )
         _check_tls(self.router)
         if self.router.api_keys_file is not None:
             read_api_keys(self.router.api_keys_file)

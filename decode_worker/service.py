@@ -181,7 +181,10 @@ class DecodeService:
         info = self._requests[inc.attempt_id]
         info.cached_prompt_tokens = msg.cached_prompt_tokens
         info.timings = Timings(
-            msg.queue_s, msg.prefill_s, self._receiver.transfer_seconds(inc, msg)
+            msg.queue_s,
+            msg.prefill_s,
+            self._receiver.transfer_seconds(inc, msg),
+            inc.bytes_landed,
         )
         out = self.engine.admit_prefilled(inc.attempt_id, msg.first_token, msg.first_logprobs)
         self._emit([out])

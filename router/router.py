@@ -26,8 +26,11 @@ from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router import failover
 from pdserve.router.auth import ServerTLS
 from pdserve.router.errors import RequestFailed
+from pdserve.router.http import HttpServer, start_http
 from pdserve.router.index import RadixIndex
 from pdserve.router.kv_feed import ActorKVSource, KVFeed
+from pdserve.router.logs import REQUEST_ID
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.placement import Assignment, Demand, Placer
 from pdserve.router.registry import Worker, WorkerRegistry, describe
 from pdserve.router.request_table import FinishedRequest, RequestTable
@@ -130,26 +133,47 @@ class Router:
         self._inflight: dict[str, _InFlight] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._server: RunningServer | None = None
+        self._http: HttpServer | None = None
+        self.metrics = RouterMetrics(lambda: len(self._inflight))
 
     @property
     def num_inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def http_port(self) -> int | None:
+        return None if self._http is None else self._http.port
+
     async def start(
-        self, listen: str, *, tls: ServerTLS | None = None, api_keys: Collection[str] = ()
+        self,
+        listen: str,
+        *,
+        tls: ServerTLS | None = None,
+        api_keys: Collection[str] = (),
+        http_listen: str | None = None,
+        openai: bool = False,
     ) -> int:
         """Starts consuming the decode workers' streams and every worker's KV events, and
         serving on `listen` (host:port; port 0 picks a free one), over TLS when `tls` is
-        given, requiring one of `api_keys` when there are any. Returns the bound port."""
+        given, requiring one of `api_keys` when there are any. With `http_listen`, the HTTP
+        door serves `/metrics` there, and the OpenAI API too with `openai`, under the same TLS
+        and keys. Returns the bound gRPC port."""
         self._server = await start_server(self, listen, tls=tls, api_keys=api_keys)
+        if http_listen is not None:
+            self._http = await start_http(
+                self, http_listen, openai=openai, tls=tls, api_keys=api_keys
+            )
         for worker_id in self.decode_workers:
             self._streams.watch(worker_id, 0)
         self._kv_feed.start()
         return self._server.port
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Lets RPCs in flight finish for `grace` seconds, cancels the rest (aborting their
-        requests on the workers), then stops consuming streams."""
+        """Lets requests in flight finish for `grace` seconds, cancels the rest (aborting them
+        on the workers), then stops consuming streams."""
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -162,7 +186,31 @@ class Router:
 
     async def generate(self, request: pb.GenerateRequest, send: Send) -> None:
         """Runs one request, calling `send` for each response message; raises a
-        `PdserveError` to end the RPC with its status code."""
+        `PdserveError` to end the RPC with its status code. Both doors (gRPC and HTTP) come
+        here; the request's metrics are observed and its log lines carry its id."""
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        token = REQUEST_ID.set(request.request_id)
+        final: pb.GenerateResponse | None = None
+
+        async def watch(response: pb.GenerateResponse) -> None:
+            nonlocal final
+            if response.finish_reason:
+                final = response
+            await send(response)
+
+        try:
+            await self._generate(request, watch)
+        except BaseException as e:
+            self.metrics.request_failed(e)
+            raise
+        else:
+            assert final is not None
+            self.metrics.request_done(final)
+        finally:
+            REQUEST_ID.reset(token)
+
+    async def _generate(self, request: pb.GenerateRequest, send: Send) -> None:
         arrival = time.monotonic()
         if len(self._inflight) >= self.max_inflight:
             raise CapacityExceeded(
@@ -187,7 +235,7 @@ class Router:
             "chat",
         )
         valid = await asyncio.to_thread(check) if long_input else check()
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id
         if request_id in self._inflight:
             raise RequestFailed(
                 "ALREADY_EXISTS", f"request_id: {request_id!r} is already in flight"
@@ -285,6 +333,7 @@ class Router:
             flight.assignment.decode,
             len(request.output_token_ids),
         )
+        self.metrics.failovers.labels("decode").inc()
         self._end_attempt(flight)
         moved = dataclasses.replace(
             demand,
@@ -340,6 +389,7 @@ class Router:
                 except Exception as e:
                     logger.warning("prefill worker %s failed (%s); decode prefills", worker, e)
                     self.registry.call_failed(worker, e)
+                    self.metrics.failovers.labels("prefill").inc()
                     failure = await self._prefill_on_decode(request, decode)
                 else:
                     failure = None

@@ -44,6 +44,7 @@ class Incoming:
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
     last_landed: float | None = None
+    bytes_landed: int = 0
 
     def record(self, layer: int, start: int, n: int) -> None:
         if start <= self.layer_end[layer]:
@@ -217,6 +218,7 @@ class KVReceiver:
             scatter_tokens(self._kv_cache, chunk.layer, slots, chunk.payload)
             inc.record(chunk.layer, chunk.token_start, n)
             inc.last_landed = time.time()
+            inc.bytes_landed += chunk.payload.numel() * chunk.payload.element_size()
             if chunk.layer == 0:  # a block counts when its first token lands
                 end = chunk.token_start + n
                 self.blocks_received += blocks_for(end, self._block_size) - blocks_for(

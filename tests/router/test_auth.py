@@ -4,8 +4,6 @@ open for load balancers, and a TLS router answers only clients that speak TLS.""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,21 +25,6 @@ def keyed(start_router):
     running = start_router(api_keys=KEYS)
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1, and its key."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
-        + ["-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 @pytest.fixture(scope="module")
