@@ -1,4 +1,4 @@
-"""The fault-injection table: one row per scenario of `tests/e2e/test_chaos.py`, printed at the
+"""The fault-injection table: one row per scenario of `tests/e2e/test_bad_days.py`, printed at the
 end of the test run (the README records it)."""
 
 from __future__ import annotations
