@@ -203,7 +203,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"pdserve status: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
     state = "serving" if status.serving else "NOT serving"
-    print(f"{args.server}: {state} {status.model}, {status.inflight} requests in flight")
+    print(
+        f"{args.server}: {state} {status.model}, {status.inflight} requests in flight "
+        f"({status.queued} waiting for KV blocks)"
+    )
     print(format_workers(status.workers))
     return 0 if status.serving else 1
 

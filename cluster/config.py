@@ -77,7 +77,8 @@ class RouterConfig:
     # HOST:PORT serving only /metrics, for a router without the OpenAI API.
     metrics_listen: str | None = None
     policy: str = "cache_aware"
-    max_inflight: int = 1024  # beyond this, new requests get RESOURCE_EXHAUSTED
+    max_inflight: int = 1024  # requests from arrival to end; beyond this, RESOURCE_EXHAUSTED
+    max_queued: int = 1024  # requests waiting for KV blocks; beyond this, RESOURCE_EXHAUSTED
     cache_weight: float = 2.0  # cache_aware: an uncached prompt token costs this many in flight
     local_prefill_max_tokens: int = 256  # cache_aware: a shorter uncached tail stays on decode
     request_table_size: int = 10_000  # finished requests kept for resume_from
@@ -149,6 +150,7 @@ class ClusterConfig:
             self.router.policy in POLICIES, "router.policy", f"must be one of {', '.join(POLICIES)}"
         )
         _check(self.router.max_inflight >= 1, "router.max_inflight", "must be >= 1")
+        _check(self.router.max_queued >= 0, "router.max_queued", "must be >= 0")
         _check(self.router.cache_weight >= 0, "router.cache_weight", "must be >= 0")
         _check(
             self.router.local_prefill_max_tokens >= 0,

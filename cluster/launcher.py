@@ -53,9 +53,9 @@ def start_ray(config: ClusterConfig, address: str | None) -> None:
         return
     resources = needed_resources(config)
     check_resources(config, {**resources, "GPU": local_gpu_count()}, "this machine")
+    # NOTE: "local" starts a new instance; with no address Ray joins the cluster that `ray
+    # start` (or a test's `ray.cluster_utils.Cluster`) last left in /tmp/ray/ray_current_cluster.
     ray.init(
-        # NOTE: "local" starts an instance of our own even when another one on this machine
-        # (`ray start`, a test's cluster) is recorded in Ray's temp folder: a bare init joins it.
         address="local",
         namespace=NAMESPACE,
         include_dashboard=False,
@@ -183,6 +183,7 @@ async def start_router(
         max_model_len=workers.max_model_len,
         policy=settings.policy,
         max_inflight=settings.max_inflight,
+        max_queued=settings.max_queued,
         model_name=os.path.basename(os.path.abspath(config.model)),
         # NOTE: the workers' EngineConfig gets the same salt and block size, so router and
         # workers name every KV block alike.

@@ -7,6 +7,7 @@ balancers and scrapers probe them without credentials.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ssl
 import tempfile
@@ -60,16 +61,31 @@ class ApiKeys:
         known key."""
         if authorization is None:
             return "missing 'authorization: Bearer <API key>'"
-        scheme, _, token = authorization.partition(" ")
-        token_bytes = token.strip().encode()
+        token = bearer_token(authorization)
+        token_bytes = (token or "").encode()
         # NOTE: every key is compared, in constant time, so timing reveals neither the key nor
         # which of the keys matched.
         known = False
         for key in self._keys:
             known |= hmac.compare_digest(key, token_bytes)
-        if scheme.lower() != "bearer" or not known:
+        if token is None or not known:
             return "invalid API key"
         return None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `authorization: Bearer <token>` value, or None."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def key_owner(authorization: str | None) -> str:
+    """Who a request acts for, from its `authorization` value: a digest of its API key, so that
+    request ids are scoped per key without the router's tables holding keys. "" without one."""
+    token = bearer_token(authorization)
+    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -88,11 +104,12 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self._prefix):
             return handler
-        problem = self._keys.problem(_authorization(details.invocation_metadata or ()))
+        problem = self._keys.problem(authorization(details.invocation_metadata or ()))
         return handler if problem is None else _refusal(handler, problem)
 
 
-def _authorization(metadata: Sequence[tuple[str, str]]) -> str | None:
+def authorization(metadata: Sequence[tuple[str, str]]) -> str | None:
+    """The `authorization` value of a gRPC call's metadata."""
     values = [v for k, v in metadata if k == "authorization"]
     return values[0] if values else None
 

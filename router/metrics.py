@@ -34,7 +34,7 @@ _BANDWIDTH_BUCKETS = tuple(float(10**k) for k in range(5, 12))  # 100 kB/s .. 10
 
 
 class RouterMetrics:
-    def __init__(self, inflight: Callable[[], int]) -> None:
+    def __init__(self, inflight: Callable[[], int], queued: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -86,8 +86,18 @@ class RouterMetrics:
             buckets=_BANDWIDTH_BUCKETS,
             registry=r,
         )
-        running = Gauge("pdserve_requests_running", "Requests in flight at the router", registry=r)
+        running = Gauge(
+            "pdserve_requests_running",
+            "Requests in flight at the router, from arrival to end (waiting ones included)",
+            registry=r,
+        )
         running.set_function(inflight)
+        waiting = Gauge(
+            "pdserve_requests_waiting",
+            "Requests waiting in the router's queue for KV blocks",
+            registry=r,
+        )
+        waiting.set_function(queued)
         self.workers = WorkerCollector()
         r.register(self.workers)
 

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from pdserve.api.errors import InvalidRequest, NotFound
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.auth import key_owner
 from pdserve.router.errors import http_status_of
 from pdserve.router.openai_protocol import Answer, OpenAIRequest, openai_param, parse_request
 
@@ -56,6 +57,11 @@ def _failure(error: Exception, parsed: OpenAIRequest | None) -> tuple[int, dict[
 
 class UnknownModel(NotFound):
     """The body names a model this router does not serve."""
+
+
+def _owner(request: web.Request) -> str:
+    """Request ids are scoped to the API key, as at the gRPC door (`auth.key_owner`)."""
+    return key_owner(request.headers.get("Authorization"))
 
 
 def _sse(data: dict[str, Any]) -> bytes:
@@ -105,7 +111,7 @@ class OpenAIRoutes:
             async def add(response: pb.GenerateResponse) -> None:
                 answer.add(response)
 
-            await self._router.generate(parsed.request, add)
+            await self._router.generate(parsed.request, add, owner=_owner(request))
             return web.json_response(answer.whole(), headers=headers)
         except (ConnectionError, web.HTTPException):
             raise
@@ -128,7 +134,7 @@ class OpenAIRoutes:
                 await stream.write(_sse(chunk))
 
         try:
-            await self._router.generate(parsed.request, send)
+            await self._router.generate(parsed.request, send, owner=_owner(request))
         except ConnectionError:
             raise
         except Exception as e:

@@ -16,7 +16,7 @@ from pdserve.api.errors import InvalidRequest
 from pdserve.api.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 
-# Fields of both endpoints; the last four are vLLM's extensions (`vllm bench serve` sends
+# Fields of both endpoints; the last five are vLLM's extensions (`vllm bench serve` sends
 # ignore_eos). `user` only identifies the caller and is not used.
 _COMMON = {
     "model",
@@ -36,6 +36,7 @@ _COMMON = {
     "min_p",
     "repetition_penalty",
     "ignore_eos",
+    "priority",
 }
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo"}
@@ -103,6 +104,8 @@ def parse_request(body: Any, *, chat: bool, request_id: str) -> OpenAIRequest:
     sampling.stop.extend(stop)
     if "ignore_eos" in body:
         sampling.ignore_eos = _get(body, "ignore_eos", bool)
+    if "priority" in body:
+        _set(request, "priority", _get(body, "priority", int), "priority")
     logprobs = _logprobs(body, chat)
     if logprobs is not None:
         _set(sampling, "logprobs", logprobs, "top_logprobs" if chat else "logprobs")

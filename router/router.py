@@ -8,6 +8,7 @@ end-to-end tests can start one beside Ray workers and talk to it over gRPC on th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -18,12 +19,13 @@ from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.api.block_hash import block_hashes
+from pdserve.api.block_hash import block_hashes, blocks_for
 from pdserve.api.errors import CapacityExceeded, NotFound
 from pdserve.api.messages import PrefillRequest, TokenDelta
 from pdserve.api.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router import failover
+from pdserve.router.admission import Admission
 from pdserve.router.auth import ServerTLS
 from pdserve.router.errors import RequestFailed
 from pdserve.router.http import HttpServer, start_http
@@ -36,13 +38,21 @@ from pdserve.router.registry import Worker, WorkerRegistry, describe
 from pdserve.router.request_table import FinishedRequest, RequestTable
 from pdserve.router.responses import ResponseBuilder
 from pdserve.router.server import RunningServer, start_server
-from pdserve.router.status import cluster_status
+from pdserve.router.status import STATUS_TIMEOUT_S, cluster_status
 from pdserve.router.streams import DecodeStreams, Event, Failure
-from pdserve.router.validation import MAX_REQUEST_ID_LEN, validate
+from pdserve.router.validation import (
+    MAX_REQUEST_ID_LEN,
+    ValidRequest,
+    check_text_size,
+    validate,
+)
 
 logger = logging.getLogger(__name__)
 
 LONG_INPUT_BYTES = 8192
+# Threads that tokenize long inputs: requests beyond them wait their turn, and validation bounds
+# each input by the context before it is tokenized, so no input holds one for long.
+TOKENIZER_THREADS = 2
 ABORT_CHECK_S = 0.25  # how often a request waiting for a decode worker checks for an abort
 
 Send = Callable[[pb.GenerateResponse], Awaitable[None]]
@@ -51,8 +61,10 @@ Send = Callable[[pb.GenerateResponse], Awaitable[None]]
 @dataclass(eq=False)
 class _InFlight:
     """`attempt_id` is what workers see: unique per attempt, so a client that reuses its
-    request id (a retry) never meets the deltas or aborts of the earlier attempt."""
+    request id (a retry) never meets the deltas or aborts of the earlier attempt. `owner`
+    names the API key that created the request ("" without keys); ids are unique per owner."""
 
+    owner: str
     request_id: str
     attempt_id: str
     assignment: Assignment
@@ -68,6 +80,15 @@ class _InFlight:
     ended: bool = False
 
 
+@dataclass(eq=False)
+class _Queued:
+    """A request waiting for KV blocks (`admission` returns once they are charged to it);
+    `aborted` once the Abort RPC ended its wait."""
+
+    admission: asyncio.Task[None]
+    aborted: bool = False
+
+
 class Router:
     """Serves `pdserve.v1.Generation` over the given workers (Ray actor handles by id)."""
 
@@ -81,6 +102,7 @@ class Router:
         max_model_len: int,
         policy: str = "cache_aware",
         max_inflight: int = 1024,
+        max_queued: int = 1024,
         model_name: str = "",
         block_size: int = 16,
         salt: int = 0,
@@ -92,8 +114,10 @@ class Router:
         restart_max_backoff_s: float = 5.0,
     ) -> None:
         """`block_size` and `salt` must be the workers' (`pdserve.api.block_hash`), so that
-        the router names prompt blocks as the workers' KV events do. A worker that fails is
-        asked whether it is back after `restart_backoff_s`, then at doubling intervals up to
+        the router names prompt blocks as the workers' KV events do. `max_inflight` bounds the
+        requests between arrival and end (validating, queued or running), `max_queued` those
+        waiting for KV blocks (`pdserve.router.admission`). A worker that fails is asked
+        whether it is back after `restart_backoff_s`, then at doubling intervals up to
         `restart_max_backoff_s`."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -130,15 +154,26 @@ class Router:
             on_lost=self.registry.report_failure,
         )
         self._finished = RequestTable(request_table_size, request_table_ttl_s)
-        self._inflight: dict[str, _InFlight] = {}
+        self.admission = Admission(max_queued)
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
+            TOKENIZER_THREADS, thread_name_prefix="tokenize"
+        )
+        self._num_arrived = 0  # requests between arrival and end
+        self._inflight: dict[tuple[str, str], _InFlight] = {}  # placed, by (owner, id)
+        self._queued: dict[tuple[str, str], _Queued] = {}  # waiting for KV blocks
         self._background: set[asyncio.Task[Any]] = set()
         self._server: RunningServer | None = None
         self._http: HttpServer | None = None
-        self.metrics = RouterMetrics(lambda: len(self._inflight))
+        self.metrics = RouterMetrics(lambda: self._num_arrived, lambda: self.num_queued)
 
     @property
     def num_inflight(self) -> int:
-        return len(self._inflight)
+        """Requests from arrival to end: validating, queued for KV blocks, or running."""
+        return self._num_arrived
+
+    @property
+    def num_queued(self) -> int:
+        return self.admission.num_queued
 
     @property
     def http_port(self) -> int | None:
@@ -158,6 +193,7 @@ class Router:
         given, requiring one of `api_keys` when there are any. With `http_listen`, the HTTP
         door serves `/metrics` there, and the OpenAI API too with `openai`, under the same TLS
         and keys. Returns the bound gRPC port."""
+        await self._learn_kv_capacity(list(self.decode_workers))
         self._server = await start_server(self, listen, tls=tls, api_keys=api_keys)
         if http_listen is not None:
             self._http = await start_http(
@@ -183,11 +219,22 @@ class Router:
         await self.registry.stop()
         await self._streams.stop()
         await self._kv_feed.stop()
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def generate(self, request: pb.GenerateRequest, send: Send) -> None:
+    async def generate(
+        self,
+        request: pb.GenerateRequest,
+        send: Send,
+        *,
+        owner: str = "",
+        deadline_s: float | None = None,
+    ) -> None:
         """Runs one request, calling `send` for each response message; raises a
         `PdserveError` to end the RPC with its status code. Both doors (gRPC and HTTP) come
-        here; the request's metrics are observed and its log lines carry its id."""
+        here; the request's metrics are observed and its log lines carry its id. `owner`
+        scopes the request id (`auth.key_owner`); `deadline_s` is the time the caller has left.
+        The request counts in flight from its arrival to its end."""
+        arrival = time.monotonic()
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         token = REQUEST_ID.set(request.request_id)
@@ -200,7 +247,15 @@ class Router:
             await send(response)
 
         try:
-            await self._generate(request, watch)
+            if self._num_arrived >= self.max_inflight:
+                raise CapacityExceeded(
+                    f"{self._num_arrived} requests in flight; the router takes {self.max_inflight}"
+                )
+            self._num_arrived += 1
+            try:
+                await self._generate(request, watch, owner, arrival, deadline_s)
+            finally:
+                self._num_arrived -= 1
         except BaseException as e:
             self.metrics.request_failed(e)
             raise
@@ -210,33 +265,19 @@ class Router:
         finally:
             REQUEST_ID.reset(token)
 
-    async def _generate(self, request: pb.GenerateRequest, send: Send) -> None:
-        arrival = time.monotonic()
-        if len(self._inflight) >= self.max_inflight:
-            raise CapacityExceeded(
-                f"{len(self._inflight)} requests in flight; the router takes {self.max_inflight}"
-            )
-        resume_from = request.resume_from
-        # NOTE: an over-long id is refused by `validate`, naming the field.
-        known_length = len(resume_from) <= MAX_REQUEST_ID_LEN
-        earlier = self._finished.get(resume_from) if resume_from and known_length else None
-        check = functools.partial(
-            validate,
-            request,
-            self.tokenizer,
-            vocab_size=self.vocab_size,
-            max_model_len=self.max_model_len,
-            earlier=earlier,
-        )
-        # NOTE: tokenizing a long text or chat takes milliseconds; off the loop, it does not
-        # stall every other stream. Short prompts are cheaper inline than a thread hop.
-        long_input = request.ByteSize() > LONG_INPUT_BYTES and request.WhichOneof("input") in (
-            "text",
-            "chat",
-        )
-        valid = await asyncio.to_thread(check) if long_input else check()
+    async def _generate(
+        self,
+        request: pb.GenerateRequest,
+        send: Send,
+        owner: str,
+        arrival: float,
+        deadline_s: float | None,
+    ) -> None:
+        self.admission.refuse_if_full()  # before the request costs a tokenization
+        valid = await self._validated(request, owner)
         request_id = request.request_id
-        if request_id in self._inflight:
+        key = (owner, request_id)
+        if key in self._inflight or key in self._queued:
             raise RequestFailed(
                 "ALREADY_EXISTS", f"request_id: {request_id!r} is already in flight"
             )
@@ -244,24 +285,33 @@ class Router:
         if params.seed is None:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         context = valid.context
-        pins = request.placement
-        # NOTE: only cache_aware reads the index; the other policies need no hashes.
-        hashes = block_hashes(context, self.block_size, self.salt) if self._placer.aware else ()
-        demand = Demand(
-            hashes, len(context), params.max_tokens, pins.prefill_worker, pins.decode_worker
-        )
-        # NOTE: the engine counts resumed output towards max_tokens, as the uninterrupted
-        # request would have.
-        first = PrefillRequest(
-            attempt_id="",
-            prompt_token_ids=valid.prompt_token_ids,
-            params=dataclasses.replace(
-                params, max_tokens=params.max_tokens + len(valid.output_token_ids)
-            ),
-            decode_worker="",
-            output_token_ids=valid.output_token_ids,
-        )
-        flight = self._attempt(request_id, first, self._placer.place(demand))
+        kv_blocks = blocks_for(len(context) + params.max_tokens, self.block_size)
+        if not await self._admit(key, kv_blocks, request.priority, deadline_s):
+            unplaced = Assignment("", "")
+            builder = ResponseBuilder(
+                request_id, self.tokenizer, context, params, arrival, unplaced
+            )
+            await send(builder.on_delta(TokenDelta(request_id, (), finish_reason="abort")))
+            finished = FinishedRequest(valid.prompt_token_ids, valid.output_token_ids, params)
+            self._finished.put(request_id, finished, owner)
+            return
+        try:
+            demand = self._demand(request.placement, context, params.max_tokens)
+            # NOTE: the engine counts resumed output towards max_tokens, as the uninterrupted
+            # request would have.
+            first = PrefillRequest(
+                attempt_id="",
+                prompt_token_ids=valid.prompt_token_ids,
+                params=dataclasses.replace(
+                    params, max_tokens=params.max_tokens + len(valid.output_token_ids)
+                ),
+                decode_worker="",
+                output_token_ids=valid.output_token_ids,
+            )
+            flight = self._attempt(owner, request_id, first, self._placer.place(demand))
+        except BaseException:
+            self.admission.release(kv_blocks)
+            raise
         builder = ResponseBuilder(
             request_id,
             self.tokenizer,
@@ -271,7 +321,7 @@ class Router:
             flight.assignment,
             valid.skip_special_tokens,
         )
-        self._inflight[request_id] = flight
+        self._inflight[key] = flight
         try:
             attempts, avoid = 1, set()
             while builder.finish_reason is None:
@@ -301,19 +351,21 @@ class Router:
                     raise RequestFailed("INTERNAL", event.error or "the decode worker failed")
                 await send(builder.on_delta(event))
         finally:
-            del self._inflight[request_id]
+            del self._inflight[key]
             self._end_attempt(flight)
+            self.admission.release(kv_blocks)
             output = valid.output_token_ids + tuple(builder.token_ids)
-            self._finished.put(request_id, FinishedRequest(valid.prompt_token_ids, output, params))
+            finished = FinishedRequest(valid.prompt_token_ids, output, params)
+            self._finished.put(request_id, finished, owner)
 
     def _attempt(
-        self, request_id: str, request: PrefillRequest, assignment: Assignment
+        self, owner: str, request_id: str, request: PrefillRequest, assignment: Assignment
     ) -> _InFlight:
         """Starts one attempt of a request on `assignment`: its queue is registered before the
         prefill call is made, because its first tokens may arrive before that call returns."""
         attempt_id = f"{request_id}/{uuid.uuid4().hex[:12]}"
         queue = self._streams.register(attempt_id, assignment.decode)
-        flight = _InFlight(request_id, attempt_id, assignment, queue)
+        flight = _InFlight(owner, request_id, attempt_id, assignment, queue)
         request = dataclasses.replace(
             request, attempt_id=attempt_id, decode_worker=assignment.decode
         )
@@ -354,19 +406,80 @@ class Router:
                 if left <= 0:
                     raise
                 await self.registry.wait_for_change(min(left, ABORT_CHECK_S))
-        flight = self._attempt(flight.request_id, request, assignment)
-        self._inflight[flight.request_id] = flight
-        return flight
+        moved_flight = self._attempt(flight.owner, flight.request_id, request, assignment)
+        self._inflight[flight.owner, flight.request_id] = moved_flight
+        return moved_flight
 
-    async def abort(self, request_id: str) -> None:
-        """Ends a request in flight with finish_reason "abort" once both workers freed it."""
-        flight = self._inflight.get(request_id)
+    async def abort(self, request_id: str, *, owner: str = "") -> None:
+        """Ends a request in flight with finish_reason "abort": at once if it waits for KV
+        blocks, else once both workers freed it. Only its owner finds it: to any other caller
+        it does not exist."""
+        queued = self._queued.get((owner, request_id))
+        if queued is not None:
+            queued.aborted = True
+            queued.admission.cancel()
+            return
+        flight = self._inflight.get((owner, request_id))
         if flight is None:
             raise NotFound(f"request_id: no request {request_id!r} is in flight")
         flight.abort_requested = True
         attempt = flight.attempt_id
         self._streams.push(attempt, TokenDelta(attempt, (), finish_reason="abort"))
         await self._abort_on_workers(flight)
+
+    async def _validated(self, request: pb.GenerateRequest, owner: str) -> ValidRequest:
+        resume_from = request.resume_from
+        # NOTE: an over-long id is refused by `validate`, naming the field.
+        known_length = len(resume_from) <= MAX_REQUEST_ID_LEN
+        earlier = self._finished.get(resume_from, owner) if resume_from and known_length else None
+        check = functools.partial(
+            validate,
+            request,
+            self.tokenizer,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            earlier=earlier,
+        )
+        # NOTE: tokenizing a long text or chat takes milliseconds; off the loop, it does not
+        # stall every other stream. Short prompts are cheaper inline than a thread hop.
+        long_input = request.ByteSize() > LONG_INPUT_BYTES and request.WhichOneof("input") in (
+            "text",
+            "chat",
+        )
+        if long_input:
+            # NOTE: oversized text is refused here, before it waits for a tokenizer thread, so
+            # a flood of it holds no memory beyond the request being looked at.
+            check_text_size(request, self.tokenizer, self.max_model_len)
+            return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, check)
+        return check()
+
+    def _demand(self, pins: pb.Placement, context: tuple[int, ...], max_tokens: int) -> Demand:
+        # NOTE: only cache_aware reads the index; the other policies need no hashes.
+        hashes = block_hashes(context, self.block_size, self.salt) if self._placer.aware else ()
+        return Demand(hashes, len(context), max_tokens, pins.prefill_worker, pins.decode_worker)
+
+    async def _admit(
+        self, key: tuple[str, str], kv_blocks: int, priority: int, deadline_s: float | None
+    ) -> bool:
+        """Waits until `kv_blocks` are charged to the request (`Admission.acquire`); False,
+        with nothing charged, when the Abort RPC ended the wait."""
+        task = asyncio.ensure_future(self.admission.acquire(kv_blocks, priority, deadline_s))
+        queued = self._queued[key] = _Queued(task)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self.admission.release(kv_blocks)  # admitted as this call was cancelled
+            current = asyncio.current_task()
+            if queued.aborted and not (current is not None and current.cancelling()):
+                return False
+            raise
+        finally:
+            del self._queued[key]
+        if queued.aborted:  # admitted as the abort came
+            self.admission.release(kv_blocks)
+            return False
+        return True
 
     async def cluster_status(self) -> pb.ClusterStatus:
         return await cluster_status(self)
@@ -416,7 +529,8 @@ class Router:
 
     def _end_attempt(self, flight: _InFlight) -> None:
         """Drops an attempt's state, once; unless the decode worker finished it, aborts it on
-        the workers in the background (this runs on cancellation too, so it must not wait)."""
+        the workers in the background (this runs on cancellation too, so it must not wait).
+        The request keeps its admission charge (it moves, or ends, with it)."""
         if flight.ended:
             return
         flight.ended = True
@@ -447,11 +561,12 @@ class Router:
         task.add_done_callback(self._background.discard)
 
     def _on_worker_down(self, worker: Worker) -> None:
-        """Takes a failed worker out of placement and the index; every request decoding there
-        moves elsewhere."""
+        """Takes a failed worker out of placement, admission and the index; every request
+        decoding there moves elsewhere."""
         self._placer.disable(worker.role, worker.worker_id)
         self.index.remove_worker(worker.worker_id)
         if worker.role == "decode":
+            self.admission.remove(worker.worker_id)
             self._streams.lose(worker.worker_id)
         self._spawn(self._report_health())
 
@@ -460,6 +575,7 @@ class Router:
         index from a snapshot) and places requests on it again."""
         if worker.role == "decode":
             self._streams.watch(worker.worker_id, worker.epoch)
+            self._spawn(self._learn_kv_capacity([worker.worker_id]))
         self._kv_feed.watch(worker.worker_id, worker.epoch)
         self._placer.enable(worker.role, worker.worker_id)
         self._spawn(self._report_health())
@@ -467,3 +583,16 @@ class Router:
     async def _report_health(self) -> None:
         if self._server is not None:
             await self._server.set_serving(self.registry.serving)
+
+    async def _learn_kv_capacity(self, worker_ids: list[str]) -> None:
+        """Asks decode workers for the size of their KV pools, which admission fills."""
+        workers = [(w, self.decode_workers[w]) for w in worker_ids]
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(h.status.remote(), STATUS_TIMEOUT_S) for _, h in workers),
+            return_exceptions=True,
+        )
+        for (worker_id, _), status in zip(workers, answers):
+            if isinstance(status, BaseException):
+                logger.warning("decode worker %s: no KV pool size (%s)", worker_id, status)
+            else:
+                self.admission.set_capacity(worker_id, status.total_blocks)

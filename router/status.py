@@ -59,6 +59,7 @@ async def cluster_status(router: Router) -> pb.ClusterStatus:
         serving=router.registry.serving,
         workers=infos,
         inflight=router.num_inflight,
+        queued=router.num_queued,
         vocab_size=router.vocab_size,
         max_model_len=router.max_model_len,
     )

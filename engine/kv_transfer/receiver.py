@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from pdserve.api.block_hash import blocks_for
 from pdserve.api.messages import ChannelAddress
-from pdserve.engine.kv_pool import blocks_for
 from pdserve.engine.kv_transfer.channel import KVChannel
 from pdserve.engine.kv_transfer.messages import KeepAlive, KVChunk, TransferCancel, TransferDone
 from pdserve.engine.kv_transfer.slots import scatter_tokens, token_slots

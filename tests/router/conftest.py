@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -45,6 +46,18 @@ class RouterThread:
 
     def run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
+
+    def hold_kv_pool(self) -> None:
+        """Gives the worker-less router a one-block decode pool and charges it, so that every
+        request waits in its admission queue (and stays abortable) until it is stopped."""
+        self.router.admission.set_capacity("decode-0", 1)
+        self.run(self.router.admission.acquire(1))
+
+    def wait_queued(self, n: int) -> None:
+        deadline = time.monotonic() + 10
+        while self.router.num_queued != n:
+            assert time.monotonic() < deadline, f"{self.router.num_queued} queued, not {n}"
+            time.sleep(0.01)
 
     def stop(self) -> None:
         self.run(self.router.stop(0.5))

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.router.auth import ServerTLS
+from pdserve.router.openai_protocol import parse_request
 
 KEY = "sk-test-key"
 
@@ -95,6 +96,7 @@ BAD_FIELDS = {
     "token id past the vocab": ("/v1/completions", {"prompt": [1, 2, 99999]}, "prompt[2]"),
     "empty prompt": ("/v1/completions", {"prompt": ""}, "prompt"),
     "two prompts": ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    "priority past int32": ("/v1/completions", {"prompt": "hi", "priority": 2**40}, "priority"),
     "stream_options without stream": (
         "/v1/completions",
         {"prompt": "hi", "stream_options": {"include_usage": True}},
@@ -223,3 +225,8 @@ def test_metrics_only_door_has_no_api(start_router):
     finally:
         running.stop()
     assert (status, metrics_status) == (404, 200)
+
+
+def test_priority_reaches_the_request_as_vllm_names_it():
+    parsed = parse_request({"prompt": "hi", "priority": -3}, chat=False, request_id="r")
+    assert parsed.request.priority == -3
