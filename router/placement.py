@@ -84,7 +84,7 @@ class _Pool:
                 f"no {self.role} worker {worker_id!r} (the cluster has: {names})",
             )
         if worker_id not in self.requests:
-            raise RequestFailed("UNAVAILABLE", f"{self.role} worker {worker_id} is lost")
+            raise RequestFailed("UNAVAILABLE", f"{self.role} worker {worker_id} is not up")
         return worker_id
 
     def choose(

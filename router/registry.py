@@ -1,4 +1,4 @@
-"""The router's account of its workers: which are up, restarting or dead, and since when.
+"""The router's account of its workers: which are up, restarting or dead.
 
 Workers are Ray actors that Ray restarts (the launcher's `max_restarts`) in a new process under
 the same handle. Whatever notices a failure (a worker's token or KV event stream ending, a call
@@ -42,7 +42,6 @@ class Worker:
     state: str = UP
     epoch: int = 0
     reason: str = ""  # why it is not up
-    restarts: int = 0
 
 
 def describe(error: BaseException | str) -> str:
@@ -77,9 +76,6 @@ class WorkerRegistry:
 
     def up(self, role: str) -> list[str]:
         return [w.worker_id for w in self.workers.values() if w.role == role and w.state == UP]
-
-    def is_up(self, worker_id: str) -> bool:
-        return self.workers[worker_id].state == UP
 
     @property
     def serving(self) -> bool:
@@ -143,7 +139,6 @@ class WorkerRegistry:
                 delay = min(2 * delay, self._max_backoff_s)
             worker.state, worker.reason = UP, ""
             worker.epoch += 1
-            worker.restarts += 1
             logger.warning(
                 "%s worker %s is back (epoch %d)", worker.role, worker.worker_id, worker.epoch
             )
