@@ -252,6 +252,13 @@ def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0)
         time.sleep(0.005)
 
 
+def _indexed_blocks(cluster, worker_id: str) -> set[int]:
+    async def read() -> set[int]:
+        return set(cluster.router.index.blocks_of(worker_id))
+
+    return cluster.run(read())
+
+
 def _leaked_blocks(cluster) -> int:
     statuses = wait_until_idle(cluster, timeout=30)
     return sum(s.total_blocks - s.free_blocks for s in statuses.values())
@@ -294,7 +301,9 @@ def test_a_killed_decode_worker_loses_no_request_and_is_back_within_30_s(chaos, 
     _kill(chaos, victim)
     outcomes = load.join()
     back_s = _wait_state(client, victim, "up", BACK_WITHIN_S) + time.monotonic() - killed_at
-    pinned = client.complete([5, 6, 7], max_tokens=4, decode_worker=victim, timeout=30)
+    # a new prompt of 3 full blocks: its KV crosses a rebuilt channel to the new process
+    fresh = _specs(1, 4, prompt_len=48, seed=99)[0].prompt
+    pinned = client.complete(fresh, max_tokens=4, decode_worker=victim, timeout=30)
     samples = monitor.stop()
     leaked = _record("kill a decode worker mid-stream", outcomes, _leaked_blocks(chaos))
 
@@ -302,6 +311,9 @@ def test_a_killed_decode_worker_loses_no_request_and_is_back_within_30_s(chaos, 
     assert leaked == 0
     assert back_s < BACK_WITHIN_S
     assert pinned.finish_reason == "length" and pinned.decode_worker == victim
+    assert pinned.prefill_worker == "prefill-0"
+    # the router follows the new process's KV events: its blocks are in the index again
+    _wait_until(lambda: len(_indexed_blocks(chaos, victim)) >= 3, f"{victim} indexed", 10)
     # health and status agree at every sample; the other decode worker kept the cluster serving
     assert all(s.health == SERVING and s.serving_before and s.serving for s in samples)
     assert monitor.states_of(victim) == ["up", "restarting", "up"]
