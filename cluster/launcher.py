@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -96,7 +97,13 @@ def _placement(config: ClusterConfig, role: str) -> dict[str, Any]:
     more CPUs than exist stay pending forever."""
     tp = getattr(config, role).tp
     gpus = tp if config.device.startswith("cuda") else 0
-    return {"num_cpus": 0, "num_gpus": gpus, "resources": {role: tp}}
+    return {
+        "num_cpus": 0,
+        "num_gpus": gpus,
+        "resources": {role: tp},
+        # Ray restarts a worker whose process dies (the router notices and re-registers it).
+        "max_restarts": config.supervision.max_restarts,
+    }
 
 
 def launch_workers(config: ClusterConfig) -> Workers:
@@ -108,21 +115,18 @@ def launch_workers(config: ClusterConfig) -> Workers:
 
     timeout = config.kv_transfer.timeout_s
     threads = config.threads_per_worker
+    # NOTE: KV channels admit only peers that prove this secret; it reaches the workers through
+    # Ray (the constructor's arguments, which Ray passes again to a restarted worker).
+    secret = secrets.token_bytes(32)
     workers = Workers()
-    for i in range(config.decode.workers):
-        wid = f"decode-{i}"
-        workers.decode[wid] = (
-            ray.remote(DecodeWorker)
-            .options(name=actor_name(wid), namespace=NAMESPACE, **_placement(config, "decode"))
-            .remote(wid, _engine_config(config, "decode"), timeout, threads)
-        )
-    for i in range(config.prefill.workers):
-        wid = f"prefill-{i}"
-        workers.prefill[wid] = (
-            ray.remote(PrefillWorker)
-            .options(name=actor_name(wid), namespace=NAMESPACE, **_placement(config, "prefill"))
-            .remote(wid, _engine_config(config, "prefill"), timeout, threads)
-        )
+    for role, cls in (("decode", DecodeWorker), ("prefill", PrefillWorker)):
+        for i in range(getattr(config, role).workers):
+            wid = f"{role}-{i}"
+            getattr(workers, role)[wid] = (
+                ray.remote(cls)
+                .options(name=actor_name(wid), namespace=NAMESPACE, **_placement(config, role))
+                .remote(wid, _engine_config(config, role), timeout, threads, secret)
+            )
     try:
         workers.max_model_len = min(
             _get_interruptibly([h.start.remote() for h in workers.all().values()])
@@ -189,6 +193,8 @@ async def start_router(
         local_prefill_max_tokens=settings.local_prefill_max_tokens,
         request_table_size=settings.request_table_size,
         request_table_ttl_s=settings.request_table_ttl_s,
+        restart_backoff_s=config.supervision.restart_backoff_s,
+        restart_max_backoff_s=config.supervision.restart_max_backoff_s,
     )
     tls = ServerTLS.from_files(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     api_keys = read_api_keys(settings.api_keys_file) if settings.api_keys_file else ()

@@ -30,7 +30,12 @@ SWITCH_INTERVAL_S = 0.0002
 
 class DecodeWorker:
     def __init__(
-        self, worker_id: str, engine_config: EngineConfig, transfer_timeout_s: float, threads: int
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        transfer_timeout_s: float,
+        threads: int,
+        cluster_secret: bytes,
     ) -> None:
         import torch
 
@@ -39,11 +44,17 @@ class DecodeWorker:
         torch.set_num_threads(threads)
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         host = ray.util.get_node_ip_address()
-        self._svc = DecodeService(worker_id, engine_config, host, transfer_timeout_s)
+        self._svc = DecodeService(
+            worker_id, engine_config, host, cluster_secret, transfer_timeout_s
+        )
+        self._started = False
 
     async def start(self) -> int:
-        """Starts the step loop; returns the longest sequence this worker accepts."""
-        await self._svc.start()
+        """Starts the step loop (once per process: after a restart, the router's supervisor
+        calls it again); returns the longest sequence this worker accepts."""
+        if not self._started:
+            self._started = True
+            await self._svc.start()
         return self._svc.engine.max_model_len
 
     async def open_channel(self, prefill_id: str) -> ChannelAddress:

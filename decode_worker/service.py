@@ -52,14 +52,23 @@ class _RequestInfo:
 
 
 class DecodeService:
+    """KV channels listen on `host` (the node's cluster address) and accept only peers that
+    prove the cluster's `secret`."""
+
     def __init__(
-        self, worker_id: str, config: EngineConfig, host: str, transfer_timeout_s: float
+        self,
+        worker_id: str,
+        config: EngineConfig,
+        host: str,
+        secret: bytes,
+        transfer_timeout_s: float,
     ) -> None:
         self.worker_id = worker_id
         self.engine = LLMEngine(config)
         self._core = EngineThread(f"engine-{worker_id}", self._step)
         self._receiver = KVReceiver(
             host,
+            secret,
             self.engine.kv_cache,
             config.block_size,
             transfer_timeout_s,

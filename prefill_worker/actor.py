@@ -19,7 +19,12 @@ from pdserve.engine.config import EngineConfig
 
 class PrefillWorker:
     def __init__(
-        self, worker_id: str, engine_config: EngineConfig, transfer_timeout_s: float, threads: int
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        transfer_timeout_s: float,
+        threads: int,
+        cluster_secret: bytes,
     ) -> None:
         import torch
 
@@ -27,7 +32,11 @@ class PrefillWorker:
 
         torch.set_num_threads(threads)
         self._handles: dict[str, ActorHandle] = {}
-        self._svc = PrefillService(worker_id, engine_config, transfer_timeout_s, self._decode)
+        host = ray.util.get_node_ip_address()
+        self._svc = PrefillService(
+            worker_id, engine_config, host, cluster_secret, transfer_timeout_s, self._decode
+        )
+        self._started = False
 
     def _decode(self, worker_id: str) -> ActorHandle:
         handle = self._handles.get(worker_id)
@@ -37,8 +46,11 @@ class PrefillWorker:
         return handle
 
     async def start(self) -> int:
-        """Starts the step loop; returns the longest sequence this worker accepts."""
-        await self._svc.start()
+        """Starts the step loop (once per process: after a restart, the router's supervisor
+        calls it again); returns the longest sequence this worker accepts."""
+        if not self._started:
+            self._started = True
+            await self._svc.start()
         return self._svc.engine.max_model_len
 
     async def connect(self, decode_ids: list[str]) -> None:
@@ -60,5 +72,7 @@ class PrefillWorker:
         async for batch in self._svc.kv_events():
             yield batch
 
-    async def inject_fault(self, decode_id: str, after_messages: int) -> None:
-        await self._svc.inject_fault(decode_id, after_messages)
+    async def inject_fault(
+        self, decode_id: str, after_messages: int | None, stall: bool = False
+    ) -> None:
+        await self._svc.inject_fault(decode_id, after_messages, stall)

@@ -30,7 +30,7 @@ import torch
 from pdserve.api.block_hash import blocks_for
 from pdserve.api.errors import NotFound, RemoteError, TransferFailed
 from pdserve.api.messages import ChannelAddress, PrefillRequest, ReserveReply
-from pdserve.engine.kv_transfer.channel import SENDER, KVChannel
+from pdserve.engine.kv_transfer.channel import KVChannel
 from pdserve.engine.kv_transfer.messages import (
     KeepAlive,
     KVChunk,
@@ -50,7 +50,8 @@ class _Channel:
     decode_id: str
     kv: KVChannel
     epoch: int
-    fail_after_messages: int | None = None
+    fail_after_messages: int | None = None  # chaos hook: see `inject_fault`
+    stall: bool = False
     unlinked: bool = False
 
 
@@ -76,11 +77,14 @@ class Outgoing:
 
 class KVSender:
     """`decode_handle(worker_id)` returns the Ray handle of a decode worker (its leader rank);
-    `block_ids(attempt_id)` the blocks of a request in the local engine."""
+    `block_ids(attempt_id)` the blocks of a request in the local engine. Channels listen on
+    `host` and prove the cluster's `secret` to the decode side."""
 
     def __init__(
         self,
         worker_id: str,
+        host: str,
+        secret: bytes,
         kv_cache: torch.Tensor,
         block_size: int,
         block_ids: Callable[[str], list[int]],
@@ -89,6 +93,8 @@ class KVSender:
         post: Callable[..., None],
     ) -> None:
         self.worker_id = worker_id
+        self._host = host
+        self._secret = secret
         self._kv_cache = kv_cache
         self._block_size = block_size
         self._block_ids = block_ids
@@ -98,6 +104,7 @@ class KVSender:
         self._channels: dict[str, _Channel] = {}
         self._channels_lock = threading.Lock()
         self._opening: dict[str, asyncio.Task[_Channel]] = {}
+        self._handshake_faults: dict[str, bool] = {}  # decode id -> stall (chaos hook)
         self._transfers: dict[str, Outgoing] = {}
         self._closed_bytes = 0
         self.blocks_sent = 0
@@ -256,7 +263,8 @@ class KVSender:
         live = {id(t.channel): t.channel for t in self._transfers.values() if t.channel}
         for chan in live.values():
             fresh = now - chan.kv.last_send <= self._timeout_s / 4
-            if fresh or self._channels.get(chan.decode_id) is not chan:
+            faulty = chan.fail_after_messages is not None  # an injected fault: no keep-alives
+            if fresh or faulty or self._channels.get(chan.decode_id) is not chan:
                 continue
             try:
                 chan.kv.send(KeepAlive())
@@ -264,13 +272,23 @@ class KVSender:
             except TransferFailed as e:
                 self._channel_failed(chan, e)
 
-    def inject_fault(self, decode_id: str, after_messages: int) -> None:
-        """Chaos hook: close the channel to `decode_id` after it sends `after_messages` more
-        messages, as a dying link would, mid-transfer."""
+    def inject_fault(self, decode_id: str, after_messages: int | None, stall: bool) -> None:
+        """Chaos hook: the channel to `decode_id` breaks as a dying link would. With
+        `after_messages`, the open channel does after sending that many more messages; with
+        None, the next channel to it does at its handshake (the open one is closed). A broken
+        channel closes (the decode worker sees it fail at once), or with `stall` goes silent
+        (it sees nothing until its timeout); at the handshake, closing is a peer without the
+        cluster's secret."""
         chan = self._channels.get(decode_id)
+        if after_messages is None:
+            self._handshake_faults[decode_id] = stall
+            if chan is not None:
+                self._unlink(chan)
+                chan.kv.close()
+            return
         if chan is None:
             raise NotFound(f"no KV channel to {decode_id}")
-        chan.fail_after_messages = after_messages
+        chan.fail_after_messages, chan.stall = after_messages, stall
 
     def _send_chunk(self, t: Outgoing, chunk: KVChunk) -> None:
         """Sends the tokens of `chunk` that the decode worker does not hold already."""
@@ -288,6 +306,8 @@ class KVSender:
         try:
             if chan.fail_after_messages is not None:
                 if chan.fail_after_messages <= 0:
+                    if chan.stall:
+                        return
                     raise TransferFailed("channel closed by an injected fault")
                 chan.fail_after_messages -= 1
             chan.kv.send(msg)
@@ -319,9 +339,22 @@ class KVSender:
             self.worker_id
         )
         device = self._kv_cache.device
+        secret = self._secret
+        stall = self._handshake_faults.pop(decode_id, None)
+        if stall:
+            await asyncio.sleep(self._timeout_s)
+            raise TransferFailed(f"the handshake with {decode_id} stalled (an injected fault)")
+        if stall is not None:
+            secret = b"not the cluster's secret"
         try:
             kv = await asyncio.to_thread(
-                KVChannel.join, addr.host, addr.port, SENDER, device, self._timeout_s
+                KVChannel.connect,
+                addr.host,
+                addr.port,
+                self._host,
+                device,
+                self._timeout_s,
+                secret,
             )
         except Exception as e:  # the store or the group could not be reached
             raise TransferFailed(f"cannot join the KV channel of {decode_id}: {e}") from e
