@@ -215,6 +215,7 @@ WORKER_COLUMNS = (
     # header, width, the value of a WorkerInfo
     ("worker", -16, lambda w: w.id),
     ("role", -9, lambda w: w.role),
+    ("state", -11, lambda w: w.state),
     ("tp", 3, lambda w: w.tp),
     ("running", 8, lambda w: w.running),
     ("waiting", 8, lambda w: w.waiting),

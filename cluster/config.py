@@ -60,6 +60,15 @@ class KVTransferConfig:
 
 
 @dataclass(frozen=True)
+class SupervisionConfig:
+    # NOTE: Ray restarts a worker's process at once; the router asks it whether it is back
+    # after restart_backoff_s, then at doubling intervals up to restart_max_backoff_s.
+    max_restarts: int = 5  # per worker over the cluster's life (-1: no limit); then it is dead
+    restart_backoff_s: float = 0.2
+    restart_max_backoff_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     listen: str = "127.0.0.1:50051"
     # HOST:PORT of the HTTP door: the OpenAI-compatible API under /v1/ and /metrics (off when
@@ -92,6 +101,7 @@ class ClusterConfig:
     prefill: PrefillConfig = field(default_factory=PrefillConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
@@ -126,6 +136,14 @@ class ClusterConfig:
             role, name = key.split(".")
             _check(getattr(getattr(self, role), name) >= 1, key, "must be >= 1")
         _check(self.kv_transfer.timeout_s > 0, "kv_transfer.timeout_s", "must be > 0")
+        sup = self.supervision
+        _check(sup.max_restarts >= -1, "supervision.max_restarts", "must be >= -1")
+        _check(sup.restart_backoff_s > 0, "supervision.restart_backoff_s", "must be > 0")
+        _check(
+            sup.restart_max_backoff_s >= sup.restart_backoff_s,
+            "supervision.restart_max_backoff_s",
+            "must be >= supervision.restart_backoff_s",
+        )
         _check(
             self.router.policy in POLICIES, "router.policy", f"must be one of {', '.join(POLICIES)}"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -95,7 +96,9 @@ def _engine_config(config: ClusterConfig, role: str) -> EngineConfig:
     )
 
 
-def _start_gang(config: ClusterConfig, role: str, wid: str, workers: Workers) -> Any:
+def _start_gang(
+    config: ClusterConfig, role: str, wid: str, secret: bytes, workers: Workers
+) -> Any:
     """Creates a worker of TP size n: n actors in one placement group packed on one node,
     each rank taking one unit of its role's resource (`prefill` or `decode`, which node types
     advertise) and one GPU on CUDA. On CPU they ask num_cpus=0: actors asking for more CPUs
@@ -115,12 +118,23 @@ def _start_gang(config: ClusterConfig, role: str, wid: str, workers: Workers) ->
     group = placement_group([bundle] * tp, strategy="STRICT_PACK")
     workers.groups.append(group)
 
+    # Ray restarts a worker whose process dies (the router notices and re-registers it).
+    # NOTE: only a TP 1 worker: a restarted rank cannot rejoin its gang's process group, so a
+    # gang would have to restart whole, which is not built; a TP > 1 worker that fails is dead.
+    restarts = config.supervision.max_restarts if tp == 1 else 0
+
     def on_bundle(i: int) -> dict[str, Any]:
         strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
-        return dict(num_cpus=0, num_gpus=gpus, resources={role: 1}, scheduling_strategy=strategy)
+        return dict(
+            num_cpus=0,
+            num_gpus=gpus,
+            resources={role: 1},
+            scheduling_strategy=strategy,
+            max_restarts=restarts,
+        )
 
     engine_config = _engine_config(config, role)
-    args = (engine_config, config.kv_transfer.timeout_s, config.threads_per_worker)
+    args = (engine_config, config.kv_transfer.timeout_s, config.threads_per_worker, secret)
     leader_cls, rank_cls = (
         (DecodeWorker, DecodeRank) if role == "decode" else (PrefillWorker, PrefillRank)
     )
@@ -134,14 +148,17 @@ def _start_gang(config: ClusterConfig, role: str, wid: str, workers: Workers) ->
 
 def launch_workers(config: ClusterConfig) -> Workers:
     """Creates every worker and returns once all have loaded their model."""
+    # NOTE: KV channels admit only peers that prove this secret; it reaches the workers through
+    # Ray (the constructor's arguments, which Ray passes again to a restarted worker).
+    secret = secrets.token_bytes(32)
     workers = Workers()
     try:
         for i in range(config.decode.workers):
             wid = f"decode-{i}"
-            workers.decode[wid] = _start_gang(config, "decode", wid, workers)
+            workers.decode[wid] = _start_gang(config, "decode", wid, secret, workers)
         for i in range(config.prefill.workers):
             wid = f"prefill-{i}"
-            workers.prefill[wid] = _start_gang(config, "prefill", wid, workers)
+            workers.prefill[wid] = _start_gang(config, "prefill", wid, secret, workers)
         workers.max_model_len = min(
             _get_interruptibly([h.start.remote() for h in workers.all().values()])
         )
@@ -213,6 +230,8 @@ async def start_router(
         local_prefill_max_tokens=settings.local_prefill_max_tokens,
         request_table_size=settings.request_table_size,
         request_table_ttl_s=settings.request_table_ttl_s,
+        restart_backoff_s=config.supervision.restart_backoff_s,
+        restart_max_backoff_s=config.supervision.restart_max_backoff_s,
     )
     tls = ServerTLS.from_files(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     api_keys = read_api_keys(settings.api_keys_file) if settings.api_keys_file else ()

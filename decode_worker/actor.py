@@ -37,6 +37,7 @@ class DecodeWorker:
         engine_config: EngineConfig,
         transfer_timeout_s: float,
         threads: int,
+        cluster_secret: bytes,
         ranks: Sequence[ActorHandle] = (),
     ) -> None:
         import torch
@@ -49,14 +50,19 @@ class DecodeWorker:
             worker_id,
             engine_config,
             ray.util.get_node_ip_address(),
+            cluster_secret,
             transfer_timeout_s,
             ranks,
             ray.get_runtime_context().get_node_id(),
         )
+        self._started = False
 
     async def start(self) -> int:
-        """Starts the step loop; returns the longest sequence this worker accepts."""
-        await self._svc.start()
+        """Starts the step loop (once per process: after a restart, the router's supervisor
+        calls it again); returns the longest sequence this worker accepts."""
+        if not self._started:
+            self._started = True
+            await self._svc.start()
         return self._svc.engine.max_model_len
 
     async def open_channel(

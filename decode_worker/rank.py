@@ -22,6 +22,7 @@ class DecodeRank:
         engine_config: EngineConfig,
         transfer_timeout_s: float,
         threads: int,
+        cluster_secret: bytes,
     ) -> None:
         import sys
 
@@ -38,6 +39,7 @@ class DecodeRank:
             TPGroup(rank, size),
             engine_config,
             ray.util.get_node_ip_address(),
+            cluster_secret,
             ray.get_runtime_context().get_node_id(),
             transfer_timeout_s,
             self._leader_handle,

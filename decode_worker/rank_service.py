@@ -29,20 +29,22 @@ logger = logging.getLogger(__name__)
 
 
 class DecodeRankService:
-    """`leader()` returns the Ray handle of rank 0."""
+    """`leader()` returns the Ray handle of rank 0. KV channels listen on `host` (the node's
+    cluster address) and accept only peers that prove the cluster's `secret`."""
 
     def __init__(
         self,
         tp: TPGroup,
         config: EngineConfig,
         host: str,
+        secret: bytes,
         node: str,
         transfer_timeout_s: float,
         leader: Callable[[], Any],
     ) -> None:
         self.tp = tp
         self.engine = LLMEngine(config, tp)
-        self._host, self._node = host, node
+        self._host, self._secret, self._node = host, secret, node
         self._block_size = config.block_size
         self._timeout_s = transfer_timeout_s
         self._leader = leader
@@ -104,6 +106,7 @@ class DecodeRankService:
         if receiver is None:
             receiver = self._receivers[p] = KVReceiver(
                 self._host,
+                self._secret,
                 self.engine.kv_cache,
                 self._block_size,
                 self._timeout_s,

@@ -76,11 +76,15 @@ class _Parts:
 
 
 class DecodeService:
+    """KV channels listen on `host` (the node's cluster address) and accept only peers that
+    prove the cluster's `secret`."""
+
     def __init__(
         self,
         worker_id: str,
         config: EngineConfig,
         host: str,
+        secret: bytes,
         transfer_timeout_s: float,
         ranks: Sequence[Any] = (),
         node: str = "",
@@ -89,7 +93,8 @@ class DecodeService:
         self.tp = TPGroup(0, 1 + len(ranks))
         self.engine = LLMEngine(config, self.tp)
         self._ranks = list(ranks)
-        self._host, self._node, self._timeout_s = host, node, transfer_timeout_s
+        self._host, self._secret = host, secret
+        self._node, self._timeout_s = node, transfer_timeout_s
         self._block_size = config.block_size
         # Set on the event loop when a prefill worker opens its channels: its routes, and the
         # epoch of each part's channel, by (decode rank, prefill rank).
@@ -205,6 +210,7 @@ class DecodeService:
     def _new_receiver(self, on_done, on_cancel, on_failed) -> KVReceiver:
         return KVReceiver(
             self._host,
+            self._secret,
             self.engine.kv_cache,
             self._block_size,
             self._timeout_s,

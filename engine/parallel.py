@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pdserve.engine.store import bound_store
+
 # NOTE: ranks other than 0 wait in a broadcast for rank 0's next step for as long as the
 # worker is idle, and a gloo operation that times out breaks the group: the group's own
 # timeout is therefore unbounded in practice; only joining it is bounded.
@@ -30,9 +32,9 @@ class TPGroup:
 
     @staticmethod
     def host_store(host: str, size: int, timeout_s: float) -> dist.TCPStore:
-        """Rank 0's rendezvous store; its `.port` is what the other ranks join."""
-        timeout = datetime.timedelta(seconds=timeout_s)
-        return dist.TCPStore(host, 0, size, True, timeout=timeout, wait_for_workers=False)
+        """Rank 0's rendezvous store, on the node's cluster address only; its `.port` is what
+        the other ranks join."""
+        return bound_store(host, size, timeout_s)
 
     def join(
         self,

@@ -27,6 +27,7 @@ class PrefillWorker:
         engine_config: EngineConfig,
         transfer_timeout_s: float,
         threads: int,
+        cluster_secret: bytes,
         ranks: Sequence[ActorHandle] = (),
     ) -> None:
         import torch
@@ -38,12 +39,14 @@ class PrefillWorker:
         self._svc = PrefillService(
             worker_id,
             engine_config,
+            ray.util.get_node_ip_address(),
+            cluster_secret,
             transfer_timeout_s,
             self._decode,
             ray.get_runtime_context().get_node_id(),
-            ray.util.get_node_ip_address(),
             ranks,
         )
+        self._started = False
 
     def _decode(self, worker_id: str) -> ActorHandle:
         handle = self._handles.get(worker_id)
@@ -53,8 +56,11 @@ class PrefillWorker:
         return handle
 
     async def start(self) -> int:
-        """Starts the step loop; returns the longest sequence this worker accepts."""
-        await self._svc.start()
+        """Starts the step loop (once per process: after a restart, the router's supervisor
+        calls it again); returns the longest sequence this worker accepts."""
+        if not self._started:
+            self._started = True
+            await self._svc.start()
         return self._svc.engine.max_model_len
 
     async def connect(self, decode_ids: list[str]) -> None:
@@ -76,5 +82,7 @@ class PrefillWorker:
         async for batch in self._svc.kv_events():
             yield batch
 
-    async def inject_fault(self, decode_id: str, after_messages: int) -> None:
-        await self._svc.inject_fault(decode_id, after_messages)
+    async def inject_fault(
+        self, decode_id: str, after_messages: int | None, stall: bool = False
+    ) -> None:
+        await self._svc.inject_fault(decode_id, after_messages, stall)

@@ -20,6 +20,7 @@ class PrefillRank:
         engine_config: EngineConfig,
         transfer_timeout_s: float,
         threads: int,
+        cluster_secret: bytes,
     ) -> None:
         import torch
 
@@ -30,6 +31,8 @@ class PrefillRank:
         self._svc = PrefillRankService(
             TPGroup(rank, size),
             engine_config,
+            ray.util.get_node_ip_address(),
+            cluster_secret,
             ray.get_runtime_context().get_node_id(),
             transfer_timeout_s,
         )

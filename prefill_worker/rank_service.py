@@ -18,7 +18,7 @@ import torch
 from pdserve.api.errors import TransferFailed
 from pdserve.api.messages import ChannelAddress, RankStatus
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.kv_transfer.channel import SENDER, KVChannel
+from pdserve.engine.kv_transfer.channel import KVChannel
 from pdserve.engine.kv_transfer.links import Links
 from pdserve.engine.kv_transfer.messages import KVChunk, Message
 from pdserve.engine.kv_transfer.orders import (
@@ -39,12 +39,21 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillRankService:
+    """KV channels listen on `host` (the node's cluster address) and prove the cluster's
+    `secret`."""
+
     def __init__(
-        self, tp: TPGroup, config: EngineConfig, node: str, transfer_timeout_s: float
+        self,
+        tp: TPGroup,
+        config: EngineConfig,
+        host: str,
+        secret: bytes,
+        node: str,
+        transfer_timeout_s: float,
     ) -> None:
         self.tp = tp
         self.engine = LLMEngine(config, tp)
-        self._node = node
+        self._host, self._secret, self._node = host, secret, node
         self._timeout_s = transfer_timeout_s
         self._block_size = config.block_size
         self._channels: dict[tuple[str, int], Links] = {}  # by (decode worker, rank 0's epoch)
@@ -63,7 +72,9 @@ class PrefillRankService:
         device, timeout = self.engine.device, self._timeout_s
         kvs = await asyncio.gather(
             *(
-                asyncio.to_thread(KVChannel.join, a.host, a.port, SENDER, device, timeout)
+                asyncio.to_thread(
+                    KVChannel.connect, a.host, a.port, self._host, device, timeout, self._secret
+                )
                 for _, a in links
             )
         )

@@ -33,16 +33,19 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillService:
-    """`decode_handle(worker_id)` returns the Ray handle of a decode worker (its leader rank)."""
+    """`decode_handle(worker_id)` returns the Ray handle of a decode worker (its leader rank).
+    KV channels listen on `host` (the node's cluster address) and prove the cluster's
+    `secret`."""
 
     def __init__(
         self,
         worker_id: str,
         config: EngineConfig,
+        host: str,
+        secret: bytes,
         transfer_timeout_s: float,
         decode_handle: Callable[[str], Any],
         node: str = "",
-        host: str = "127.0.0.1",
         ranks: Sequence[Any] = (),
     ) -> None:
         self.worker_id = worker_id
@@ -54,6 +57,8 @@ class PrefillService:
         self._decode_handle = decode_handle
         self._sender = KVSender(
             worker_id,
+            host,
+            secret,
             self.engine.kv_cache,
             self.engine.model_config.num_kv_heads,
             self.engine.tp,
@@ -125,9 +130,13 @@ class PrefillService:
                 done.set_result(PrefillResult(aid, True))
         except Exception as e:  # refused (a PdserveError), or the decode worker is unreachable
             await self._core.call(self._drop, t)
-            code = e.grpc_code if isinstance(e, PdserveError) else "UNAVAILABLE"
+            if isinstance(e, PdserveError):
+                code, error = e.grpc_code, f"{req.decode_worker}: {e}"
+            else:  # NOTE: the error names Ray's internals (actor id, pid, address): logged only
+                logger.warning("attempt %s: %s is unreachable: %s", aid, req.decode_worker, e)
+                code, error = "UNAVAILABLE", f"decode worker {req.decode_worker} is unreachable"
             if not done.done():
-                done.set_result(PrefillResult(aid, False, code, f"{req.decode_worker}: {e}"))
+                done.set_result(PrefillResult(aid, False, code, error))
         else:
             if reply.queued_here:  # the decode worker computes it once its blocks free
                 await self._core.call(self._drop, t)
@@ -147,8 +156,11 @@ class PrefillService:
         done.set_result(PrefillResult(attempt_id, False, "CANCELLED", "aborted"))
         return await self._core.call(self._abort, attempt_id)
 
-    async def inject_fault(self, decode_id: str, after_messages: int) -> None:
-        await self._core.call(self._sender.inject_fault, decode_id, after_messages)
+    async def inject_fault(
+        self, decode_id: str, after_messages: int | None, stall: bool = False
+    ) -> None:
+        """Chaos hook: see `KVSender.inject_fault`."""
+        await self._core.call(self._sender.inject_fault, decode_id, after_messages, stall)
 
     async def kv_snapshot(self) -> bytes:
         return await self._core.call(self._events.snapshot)

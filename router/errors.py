@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+from ray.exceptions import RayError
 
 from pdserve.api.errors import PdserveError
 
@@ -26,9 +27,13 @@ class RequestFailed(PdserveError):
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a client gets for `error`."""
+    """The status code and message a client gets for `error`. A Ray error that escaped the
+    request path is only logged: its text names actor ids, pids and addresses."""
     if isinstance(error, PdserveError):
         return grpc.StatusCode[error.grpc_code], str(error)
+    if isinstance(error, RayError):
+        logger.warning("a worker failed: %s", error)
+        return grpc.StatusCode.UNAVAILABLE, "a worker is unavailable; retry the request"
     logger.exception("internal error", exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 

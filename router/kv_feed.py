@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 from pdserve.api.kv_events import decode_batch, decode_snapshot
 from pdserve.router.index import RadixIndex
+from pdserve.router.registry import describe
 
 logger = logging.getLogger(__name__)
 
@@ -43,27 +44,45 @@ class ActorKVSource:
 
 
 class KVFeed:
-    """Consumes every source from `start` to `stop`. When a worker's events end or fail, its
-    blocks leave the index (placement then sees no cache there) and the task ends."""
+    """Consumes every source from `start` (or a worker's `watch`) to `stop`. When a worker's
+    events end or fail, its blocks leave the index (placement then sees no cache there),
+    `on_lost(worker_id, epoch, reason)` hears of it, and the task ends; `watch` consumes them
+    anew once the worker is back (its first batch is of a new epoch: the index resyncs)."""
 
-    def __init__(self, index: RadixIndex, sources: Mapping[str, KVSource]) -> None:
+    def __init__(
+        self,
+        index: RadixIndex,
+        sources: Mapping[str, KVSource],
+        on_lost: Callable[[str, int, str], None] | None = None,
+    ) -> None:
         self._index = index
         self._sources = dict(sources)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._on_lost = on_lost
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._consume(worker_id, source), name=f"kv-events-{worker_id}")
-            for worker_id, source in self._sources.items()
-        ]
+        for worker_id in self._sources:
+            self.watch(worker_id, 0)
+
+    def watch(self, worker_id: str, epoch: int) -> None:
+        """Consumes the worker's events (in its registration `epoch`), replacing any earlier
+        consumer of them."""
+        old = self._tasks.get(worker_id)
+        if old is not None:
+            old.cancel()
+        self._tasks[worker_id] = asyncio.create_task(
+            self._consume(worker_id, epoch, self._sources[worker_id]),
+            name=f"kv-events-{worker_id}",
+        )
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = {}
 
-    async def _consume(self, worker_id: str, source: KVSource) -> None:
+    async def _consume(self, worker_id: str, epoch: int, source: KVSource) -> None:
         try:
             async for data in source.events():
                 batch = decode_batch(data)
@@ -85,13 +104,16 @@ class KVFeed:
                 # NOTE: the snapshot was taken after this batch was published, so it covers
                 # the batch unless the batch belongs to an older epoch; either way it is done.
                 self._index.apply(batch)
-            reason = "the events ended"
+            reason = "its KV events ended"
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            reason = f"the events failed: {type(e).__name__}: {e}"
+            logger.warning("KV index: the events of %s failed: %s", worker_id, e)
+            reason = describe(e)
         logger.warning("KV index: %s dropped: %s", worker_id, reason)
         self._index.remove_worker(worker_id)
+        if self._on_lost is not None:
+            self._on_lost(worker_id, epoch, reason)
 
 
 SNAPSHOT_RETRIES_S = (0.1, 0.5, 2.0)

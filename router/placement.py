@@ -24,6 +24,9 @@ prefills the tail itself: no prefill worker, no transfer.
 
 `least_loaded` (fewest in-flight requests) and `round_robin` ignore the index and always
 use a prefill worker; they are the baselines.
+
+Only workers that are up take requests: one that fails leaves its pool until it is back. With
+no prefill worker up, every decode worker prefills its requests itself.
 """
 
 from __future__ import annotations
@@ -41,13 +44,15 @@ POLICIES = ("cache_aware", "least_loaded", "round_robin")
 @dataclass(frozen=True)
 class Demand:
     """What placement knows of a request: the block hashes of its tokens (prompt plus any
-    output it resumes), their count, `max_tokens`, and the workers it is pinned to ("")."""
+    output it resumes), their count, `max_tokens`, the workers it is pinned to (""), and the
+    decode workers it already failed on (`avoid`)."""
 
     hashes: Sequence[int]
     num_tokens: int
     max_tokens: int
     prefill_worker: str = ""
     decode_worker: str = ""
+    avoid: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -79,30 +84,45 @@ class _Pool:
                 f"no {self.role} worker {worker_id!r} (the cluster has: {names})",
             )
         if worker_id not in self.requests:
-            raise RequestFailed("UNAVAILABLE", f"{self.role} worker {worker_id} is lost")
+            raise RequestFailed("UNAVAILABLE", f"{self.role} worker {worker_id} is not up")
         return worker_id
 
-    def choose(self, policy: str, cost: dict[str, tuple[bool, float]] | None = None) -> str:
+    def choose(
+        self,
+        policy: str,
+        cost: dict[str, tuple[bool, float]] | None = None,
+        avoid: frozenset[str] = frozenset(),
+    ) -> str:
         """By `policy`; for cache_aware, by `cost` (worker -> (lacks room, cost))."""
-        if not self.requests:
+        ids = [w for w in self.requests if w not in avoid]
+        if not ids:
             raise RequestFailed("UNAVAILABLE", f"no {self.role} worker is available")
         if policy == "round_robin":
-            ids = list(self.requests)
             worker = ids[self._next % len(ids)]
             self._next += 1
             return worker
         if cost is None:
-            return min(self.requests, key=lambda w: (self.requests[w], w))
-        return min(self.requests, key=lambda w: (*cost[w], w))
+            return min(ids, key=lambda w: (self.requests[w], w))
+        return min(ids, key=lambda w: (*cost[w], w))
 
     def add(self, worker_id: str, tokens: int) -> None:
         self.requests[worker_id] += 1
         self.tokens[worker_id] += tokens
 
     def release(self, worker_id: str, tokens: int) -> None:
+        # NOTE: a worker that failed and came back starts from zero; a request charged to its
+        # earlier life may be released after that, and must not drive the counts negative.
         if worker_id in self.requests:
-            self.requests[worker_id] -= 1
-            self.tokens[worker_id] -= tokens
+            self.requests[worker_id] = max(0, self.requests[worker_id] - 1)
+            self.tokens[worker_id] = max(0, self.tokens[worker_id] - tokens)
+
+    def enable(self, worker_id: str) -> None:
+        self.requests.setdefault(worker_id, 0)
+        self.tokens.setdefault(worker_id, 0)
+
+    def disable(self, worker_id: str) -> None:
+        self.requests.pop(worker_id, None)
+        self.tokens.pop(worker_id, None)
 
 
 class Placer:
@@ -147,10 +167,12 @@ class Placer:
             decode = self.decode.pinned(demand.decode_worker)
         else:
             costs = self._costs(self.decode, uncached, demand.max_tokens) if aware else None
-            decode = self.decode.choose(self.policy, costs)
+            decode = self.decode.choose(self.policy, costs, demand.avoid)
         if pinned_prefill:
             prefill = pinned_prefill
-        elif aware and uncached(decode) <= self.local_prefill_max_tokens:
+        elif not self.prefill.requests or (
+            aware and uncached(decode) <= self.local_prefill_max_tokens
+        ):
             prefill = ""
         else:
             costs = self._costs(self.prefill, uncached, 0) if aware else None
@@ -183,8 +205,13 @@ class Placer:
     def decode_done(self, assignment: Assignment) -> None:
         self.decode.release(assignment.decode, assignment.decode_tokens)
 
-    def remove_decode(self, worker_id: str) -> None:
-        """Stops placing requests on a decode worker whose token stream ended."""
-        self.decode.requests.pop(worker_id, None)
-        self.decode.tokens.pop(worker_id, None)
-        self.index.remove_worker(worker_id)
+    def disable(self, role: str, worker_id: str) -> None:
+        """Stops placing requests on a worker that failed."""
+        self._pool(role).disable(worker_id)
+
+    def enable(self, role: str, worker_id: str) -> None:
+        """Places requests on a worker again (it is back)."""
+        self._pool(role).enable(worker_id)
+
+    def _pool(self, role: str) -> _Pool:
+        return self.prefill if role == "prefill" else self.decode

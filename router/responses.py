@@ -44,6 +44,11 @@ class ResponseBuilder:
         self._cached_prompt_tokens = 0
         self._worker_timings = pb.Timings()
 
+    def moved_to(self, assignment: Assignment) -> None:
+        """The request continues on other workers (its decode worker failed)."""
+        self._assignment = assignment
+        self._prefilled_by = assignment.prefill
+
     def on_delta(self, delta: TokenDelta) -> pb.GenerateResponse:
         """The response for `delta`; sets `finish_reason` when the request is over, either
         because the worker finished it or because a stop string matched."""

@@ -24,6 +24,7 @@ from pdserve.api.errors import CapacityExceeded, NotFound
 from pdserve.api.messages import PrefillRequest, TokenDelta
 from pdserve.api.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router import failover
 from pdserve.router.admission import Admission
 from pdserve.router.auth import ServerTLS
 from pdserve.router.errors import RequestFailed
@@ -33,11 +34,12 @@ from pdserve.router.kv_feed import ActorKVSource, KVFeed
 from pdserve.router.logs import REQUEST_ID
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.placement import Assignment, Demand, Placer
+from pdserve.router.registry import Worker, WorkerRegistry, describe
 from pdserve.router.request_table import FinishedRequest, RequestTable
 from pdserve.router.responses import ResponseBuilder
 from pdserve.router.server import RunningServer, start_server
 from pdserve.router.status import STATUS_TIMEOUT_S, cluster_status
-from pdserve.router.streams import DecodeStreams, Failure
+from pdserve.router.streams import DecodeStreams, Event, Failure
 from pdserve.router.validation import (
     MAX_REQUEST_ID_LEN,
     ValidRequest,
@@ -51,6 +53,7 @@ LONG_INPUT_BYTES = 8192
 # Threads that tokenize long inputs: requests beyond them wait their turn, and validation bounds
 # each input by the context before it is tokenized, so no input holds one for long.
 TOKENIZER_THREADS = 2
+ABORT_CHECK_S = 0.25  # how often a request waiting for a decode worker checks for an abort
 
 Send = Callable[[pb.GenerateResponse], Awaitable[None]]
 
@@ -65,12 +68,16 @@ class _InFlight:
     request_id: str
     attempt_id: str
     assignment: Assignment
-    kv_blocks: int
+    queue: asyncio.Queue[Event]
     prefill: asyncio.Task[None] | None = None
     # Set once the decode worker sent the request's final delta (its blocks are free).
     decode_finished: bool = False
     # Set once the router asked both workers to abort (by the Abort RPC or on the way out).
     aborted: bool = False
+    # Set by the Abort RPC (which a request waiting for a decode worker to fail over to heeds).
+    abort_requested: bool = False
+    # Set once the attempt's state is dropped (`_end_attempt`).
+    ended: bool = False
 
 
 @dataclass(eq=False)
@@ -103,11 +110,15 @@ class Router:
         local_prefill_max_tokens: int = 256,
         request_table_size: int = 10_000,
         request_table_ttl_s: float = 600.0,
+        restart_backoff_s: float = 0.2,
+        restart_max_backoff_s: float = 5.0,
     ) -> None:
         """`block_size` and `salt` must be the workers' (`pdserve.api.block_hash`), so that
         the router names prompt blocks as the workers' KV events do. `max_inflight` bounds the
         requests between arrival and end (validating, queued or running), `max_queued` those
-        waiting for KV blocks (`pdserve.router.admission`)."""
+        waiting for KV blocks (`pdserve.router.admission`). A worker that fails is asked
+        whether it is back after `restart_backoff_s`, then at doubling intervals up to
+        `restart_max_backoff_s`."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -115,7 +126,14 @@ class Router:
         self.model_name = model_name
         self.prefill_workers = dict(prefill)
         self.decode_workers = dict(decode)
-        self.lost_workers: dict[str, str] = {}
+        self.registry = WorkerRegistry(
+            prefill,
+            decode,
+            on_down=self._on_worker_down,
+            on_up=self._on_worker_up,
+            backoff_s=restart_backoff_s,
+            max_backoff_s=restart_max_backoff_s,
+        )
         self.block_size = block_size
         self.salt = salt
         self.index = RadixIndex()
@@ -128,9 +146,13 @@ class Router:
             cache_weight=cache_weight,
             local_prefill_max_tokens=local_prefill_max_tokens,
         )
-        self._streams = DecodeStreams(decode, on_lost=self._on_decode_lost)
+        self._streams = DecodeStreams(decode, on_lost=self.registry.report_failure)
         workers = {**self.prefill_workers, **self.decode_workers}
-        self._kv_feed = KVFeed(self.index, {w: ActorKVSource(h) for w, h in workers.items()})
+        self._kv_feed = KVFeed(
+            self.index,
+            {w: ActorKVSource(h) for w, h in workers.items()},
+            on_lost=self.registry.report_failure,
+        )
         self._finished = RequestTable(request_table_size, request_table_ttl_s)
         self.admission = Admission(max_queued)
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
@@ -171,13 +193,14 @@ class Router:
         given, requiring one of `api_keys` when there are any. With `http_listen`, the HTTP
         door serves `/metrics` there, and the OpenAI API too with `openai`, under the same TLS
         and keys. Returns the bound gRPC port."""
-        await self._learn_kv_capacity()
+        await self._learn_kv_capacity(list(self.decode_workers))
         self._server = await start_server(self, listen, tls=tls, api_keys=api_keys)
         if http_listen is not None:
             self._http = await start_http(
                 self, http_listen, openai=openai, tls=tls, api_keys=api_keys
             )
-        self._streams.start()
+        for worker_id in self.decode_workers:
+            self._streams.watch(worker_id, 0)
         self._kv_feed.start()
         return self._server.port
 
@@ -193,6 +216,7 @@ class Router:
         if self._background:
             # the aborts of the requests cancelled above; a dead worker must not hold us up
             await asyncio.wait(self._background, timeout=max(grace, 1.0))
+        await self.registry.stop()
         await self._streams.stop()
         await self._kv_feed.stop()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
@@ -272,7 +296,19 @@ class Router:
             self._finished.put(request_id, finished, owner)
             return
         try:
-            assignment = self._place(request.placement, context, params.max_tokens)
+            demand = self._demand(request.placement, context, params.max_tokens)
+            # NOTE: the engine counts resumed output towards max_tokens, as the uninterrupted
+            # request would have.
+            first = PrefillRequest(
+                attempt_id="",
+                prompt_token_ids=valid.prompt_token_ids,
+                params=dataclasses.replace(
+                    params, max_tokens=params.max_tokens + len(valid.output_token_ids)
+                ),
+                decode_worker="",
+                output_token_ids=valid.output_token_ids,
+            )
+            flight = self._attempt(owner, request_id, first, self._placer.place(demand))
         except BaseException:
             self.admission.release(kv_blocks)
             raise
@@ -282,27 +318,31 @@ class Router:
             context,
             params,
             arrival,
-            assignment,
+            flight.assignment,
             valid.skip_special_tokens,
         )
-        attempt_id = f"{request_id}/{uuid.uuid4().hex[:12]}"
-        flight = _InFlight(owner, request_id, attempt_id, assignment, kv_blocks)
-        queue = self._streams.register(flight.attempt_id, assignment.decode)
         self._inflight[key] = flight
         try:
-            # NOTE: the engine counts resumed output towards max_tokens, as the uninterrupted
-            # request would have.
-            resumed = len(valid.output_token_ids)
-            prefill_request = PrefillRequest(
-                attempt_id=flight.attempt_id,
-                prompt_token_ids=valid.prompt_token_ids,
-                params=dataclasses.replace(params, max_tokens=params.max_tokens + resumed),
-                decode_worker=assignment.decode,
-                output_token_ids=valid.output_token_ids,
-            )
-            flight.prefill = asyncio.create_task(self._prefill(flight, prefill_request))
+            attempts, avoid = 1, set()
             while builder.finish_reason is None:
-                event = await queue.get()
+                event = await flight.queue.get()
+                broken = failover.broken_worker(event, flight.assignment.decode)
+                if broken is not None:
+                    if attempts >= failover.MAX_ATTEMPTS:
+                        raise RequestFailed(
+                            "UNAVAILABLE", f"decode workers failed {attempts} times in a row"
+                        )
+                    attempts += 1
+                    avoid.add(broken)
+                    request_now = failover.continuation(first, builder.token_ids)
+                    moved = await self._fail_over(flight, request_now, demand, avoid)
+                    if moved is None:  # aborted while it waited for a decode worker
+                        end = TokenDelta(flight.attempt_id, (), finish_reason="abort")
+                        await send(builder.on_delta(end))
+                        break
+                    flight = moved
+                    builder.moved_to(flight.assignment)
+                    continue
                 if isinstance(event, Failure):
                     raise RequestFailed(event.code, event.message)
                 if event.finish_reason is not None and not flight.aborted:
@@ -311,10 +351,64 @@ class Router:
                     raise RequestFailed("INTERNAL", event.error or "the decode worker failed")
                 await send(builder.on_delta(event))
         finally:
-            self._finish(flight)
+            del self._inflight[key]
+            self._end_attempt(flight)
+            self.admission.release(kv_blocks)
             output = valid.output_token_ids + tuple(builder.token_ids)
             finished = FinishedRequest(valid.prompt_token_ids, output, params)
             self._finished.put(request_id, finished, owner)
+
+    def _attempt(
+        self, owner: str, request_id: str, request: PrefillRequest, assignment: Assignment
+    ) -> _InFlight:
+        """Starts one attempt of a request on `assignment`: its queue is registered before the
+        prefill call is made, because its first tokens may arrive before that call returns."""
+        attempt_id = f"{request_id}/{uuid.uuid4().hex[:12]}"
+        queue = self._streams.register(attempt_id, assignment.decode)
+        flight = _InFlight(owner, request_id, attempt_id, assignment, queue)
+        request = dataclasses.replace(
+            request, attempt_id=attempt_id, decode_worker=assignment.decode
+        )
+        flight.prefill = asyncio.create_task(self._prefill(flight, request))
+        return flight
+
+    async def _fail_over(
+        self, flight: _InFlight, request: PrefillRequest, demand: Demand, avoid: set[str]
+    ) -> _InFlight | None:
+        """Ends the broken attempt and starts the continuation `request` on another decode
+        worker, waiting (up to `failover.WAIT_FOR_DECODE_S`) for one to be up; None if the
+        request is aborted meanwhile. A decode worker that failed this request is tried again
+        only when it is the only one up."""
+        logger.warning(
+            "request %s: moving off decode worker %s with %d tokens of output",
+            flight.request_id,
+            flight.assignment.decode,
+            len(request.output_token_ids),
+        )
+        self.metrics.failovers.labels("decode").inc()
+        self._end_attempt(flight)
+        moved = dataclasses.replace(
+            demand,
+            num_tokens=len(request.prompt_token_ids) + len(request.output_token_ids),
+            max_tokens=request.params.max_tokens - len(request.output_token_ids),
+        )
+        deadline = time.monotonic() + failover.WAIT_FOR_DECODE_S
+        while True:
+            if flight.abort_requested:
+                return None
+            up = set(self.registry.up("decode"))
+            avoiding = frozenset(avoid) if up - avoid else frozenset()
+            try:
+                assignment = self._placer.place(dataclasses.replace(moved, avoid=avoiding))
+                break
+            except RequestFailed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                await self.registry.wait_for_change(min(left, ABORT_CHECK_S))
+        moved_flight = self._attempt(flight.owner, flight.request_id, request, assignment)
+        self._inflight[flight.owner, flight.request_id] = moved_flight
+        return moved_flight
 
     async def abort(self, request_id: str, *, owner: str = "") -> None:
         """Ends a request in flight with finish_reason "abort": at once if it waits for KV
@@ -328,6 +422,7 @@ class Router:
         flight = self._inflight.get((owner, request_id))
         if flight is None:
             raise NotFound(f"request_id: no request {request_id!r} is in flight")
+        flight.abort_requested = True
         attempt = flight.attempt_id
         self._streams.push(attempt, TokenDelta(attempt, (), finish_reason="abort"))
         await self._abort_on_workers(flight)
@@ -358,12 +453,10 @@ class Router:
             return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, check)
         return check()
 
-    def _place(self, pins: pb.Placement, context: tuple[int, ...], max_tokens: int) -> Assignment:
+    def _demand(self, pins: pb.Placement, context: tuple[int, ...], max_tokens: int) -> Demand:
         # NOTE: only cache_aware reads the index; the other policies need no hashes.
         hashes = block_hashes(context, self.block_size, self.salt) if self._placer.aware else ()
-        return self._placer.place(
-            Demand(hashes, len(context), max_tokens, pins.prefill_worker, pins.decode_worker)
-        )
+        return Demand(hashes, len(context), max_tokens, pins.prefill_worker, pins.decode_worker)
 
     async def _admit(
         self, key: tuple[str, str], kv_blocks: int, priority: int, deadline_s: float | None
@@ -393,7 +486,8 @@ class Router:
 
     async def _prefill(self, flight: _InFlight, request: PrefillRequest) -> None:
         """Makes the prefill call (to the decode worker itself when placement chose no prefill
-        worker); a failure reaches the request's queue as a `Failure`.
+        worker); a failure reaches the request's queue as a `Failure`, a retryable one when
+        the path to the decode worker broke.
 
         If the prefill worker itself fails (it died, or its call raised), the decode worker
         prefills the request: it has the whole request, and seeded sampling makes the result
@@ -407,36 +501,41 @@ class Router:
                     result = await self.prefill_workers[worker].prefill.remote(request)
                 except Exception as e:
                     logger.warning("prefill worker %s failed (%s); decode prefills", worker, e)
+                    self.registry.call_failed(worker, e)
                     self.metrics.failovers.labels("prefill").inc()
-                    failure = await self._prefill_on_decode(
-                        request, decode, f"prefill {worker}: {e}; "
-                    )
+                    failure = await self._prefill_on_decode(request, decode)
                 else:
                     failure = None
                     if not result.ok:
                         code, error = result.error_code or "INTERNAL", result.error
-                        failure = Failure(code, error or "prefill failed")
+                        # NOTE: UNAVAILABLE from a prefill worker: it could not reach the
+                        # decode worker.
+                        failure = Failure(
+                            code, error or "prefill failed", retryable=code == "UNAVAILABLE"
+                        )
         finally:
             self._placer.prefill_done(flight.assignment)
         if failure is not None:
             self._streams.push(flight.attempt_id, failure)
 
-    async def _prefill_on_decode(
-        self, request: PrefillRequest, decode: str, earlier_failure: str = ""
-    ) -> Failure | None:
+    async def _prefill_on_decode(self, request: PrefillRequest, decode: str) -> Failure | None:
         try:
             await self.decode_workers[decode].prefill_locally.remote(request)
         except Exception as e:
-            return Failure("UNAVAILABLE", f"{earlier_failure}decode worker {decode}: {e}")
+            self.registry.call_failed(decode, e)
+            message = f"decode worker {decode}: {describe(e)}"
+            return Failure("UNAVAILABLE", message, retryable=True)
         return None
 
-    def _finish(self, flight: _InFlight) -> None:
-        """Drops the request's state; unless the decode worker finished it, aborts it on the
-        workers in the background (this runs on cancellation too, so it must not wait)."""
-        del self._inflight[flight.owner, flight.request_id]
+    def _end_attempt(self, flight: _InFlight) -> None:
+        """Drops an attempt's state, once; unless the decode worker finished it, aborts it on
+        the workers in the background (this runs on cancellation too, so it must not wait).
+        The request keeps its admission charge (it moves, or ends, with it)."""
+        if flight.ended:
+            return
+        flight.ended = True
         self._streams.unregister(flight.attempt_id)
         self._placer.decode_done(flight.assignment)
-        self.admission.release(flight.kv_blocks)
         if not flight.decode_finished:
             self._spawn(self._abort_on_workers(flight))
         elif flight.prefill is not None:
@@ -454,21 +553,40 @@ class Router:
                 calls.append(self.prefill_workers[prefill].abort.remote(flight.attempt_id))
         for outcome in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(outcome, Exception):
-                logger.warning("abort of %s failed: %s", flight.request_id, outcome)
+                logger.info("abort of %s failed: %s", flight.attempt_id, outcome)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _on_decode_lost(self, worker_id: str, reason: str) -> None:
-        self.lost_workers[worker_id] = reason
-        self._placer.remove_decode(worker_id)
-        self.admission.remove(worker_id)
+    def _on_worker_down(self, worker: Worker) -> None:
+        """Takes a failed worker out of placement, admission and the index; every request
+        decoding there moves elsewhere."""
+        self._placer.disable(worker.role, worker.worker_id)
+        self.index.remove_worker(worker.worker_id)
+        if worker.role == "decode":
+            self.admission.remove(worker.worker_id)
+            self._streams.lose(worker.worker_id)
+        self._spawn(self._report_health())
 
-    async def _learn_kv_capacity(self) -> None:
-        """Asks each decode worker for the size of its KV pool, which admission fills."""
-        workers = list(self.decode_workers.items())
+    def _on_worker_up(self, worker: Worker) -> None:
+        """Consumes a returning worker's streams anew (its KV events rebuild its part of the
+        index from a snapshot) and places requests on it again."""
+        if worker.role == "decode":
+            self._streams.watch(worker.worker_id, worker.epoch)
+            self._spawn(self._learn_kv_capacity([worker.worker_id]))
+        self._kv_feed.watch(worker.worker_id, worker.epoch)
+        self._placer.enable(worker.role, worker.worker_id)
+        self._spawn(self._report_health())
+
+    async def _report_health(self) -> None:
+        if self._server is not None:
+            await self._server.set_serving(self.registry.serving)
+
+    async def _learn_kv_capacity(self, worker_ids: list[str]) -> None:
+        """Asks decode workers for the size of their KV pools, which admission fills."""
+        workers = [(w, self.decode_workers[w]) for w in worker_ids]
         answers = await asyncio.gather(
             *(asyncio.wait_for(h.status.remote(), STATUS_TIMEOUT_S) for _, h in workers),
             return_exceptions=True,

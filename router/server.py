@@ -121,6 +121,12 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
 
+    async def set_serving(self, serving: bool) -> None:
+        """What the health service answers: SERVING while the cluster can serve requests."""
+        status = health_pb2.HealthCheckResponse
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status.SERVING if serving else status.NOT_SERVING)
+
     async def stop(self, grace: float) -> None:
         """Tells health checkers first, so load balancers drain before RPCs are cut."""
         await self.health.enter_graceful_shutdown()
@@ -135,7 +141,8 @@ async def start_server(
     api_keys: Collection[str] = (),
 ) -> RunningServer:
     """Binds `listen` (host:port; port 0 picks one) and serves `Generation`, the standard
-    health service (SERVING) and server reflection; over TLS when `tls` is given, and with
+    health service (SERVING while the router's registry says the cluster can serve) and server
+    reflection; over TLS when `tls` is given, and with
     `api_keys` every `Generation` call needs `authorization: Bearer <key>`."""
     interceptors = [ApiKeyInterceptor(api_keys, SERVICE_NAME)] if api_keys else []
     server = grpc.aio.server(interceptors=interceptors)
@@ -147,8 +154,8 @@ async def start_server(
     )
     port = _bind(server, listen, tls)
     await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningServer(server, port, health_servicer)
+    await running.set_serving(router.registry.serving)
     logger.info(
         "listening on %s:%d (%s, %s)",
         listen.rpartition(":")[0],
@@ -156,7 +163,7 @@ async def start_server(
         "TLS" if tls else "plaintext",
         f"{len(api_keys)} API keys" if api_keys else "no API keys",
     )
-    return RunningServer(server, port, health_servicer)
+    return running
 
 
 def _bind(server: grpc.aio.Server, listen: str, tls: ServerTLS | None) -> int:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pdserve.api.messages import WorkerStatus
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.registry import UP, describe
 
 if TYPE_CHECKING:
     from pdserve.router.router import Router
@@ -18,37 +19,44 @@ STATUS_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class WorkerAnswer:
-    """One worker's status, or why it has none (`error`, empty when it answered)."""
+    """One worker's state (up, restarting, dead) and status, or why it has none (`error`,
+    empty when it answered)."""
 
     worker_id: str
     role: str
+    state: str
     status: WorkerStatus | None
     error: str = ""
 
 
 async def ask_workers(router: Router) -> list[WorkerAnswer]:
-    workers = [("prefill", w, h) for w, h in router.prefill_workers.items()]
-    workers += [("decode", w, h) for w, h in router.decode_workers.items()]
-    answers = await asyncio.gather(*(_ask(h) for _, _, h in workers), return_exceptions=True)
+    """Every worker, with the status of those up (asked in parallel). One that does not
+    answer says why, and a dead process behind it is reported to the registry."""
+    workers = list(router.registry.workers.values())
+    up = [w for w in workers if w.state == UP]
+    answers = await asyncio.gather(*(_ask(w.handle) for w in up), return_exceptions=True)
+    answered = dict(zip((w.worker_id for w in up), answers))
     out = []
-    for (role, worker_id, _), answer in zip(workers, answers):
-        error = router.lost_workers.get(worker_id, "")
+    for worker in workers:
+        answer = answered.get(worker.worker_id)
         if isinstance(answer, BaseException):
-            error = error or f"{type(answer).__name__}: {answer}"
-            out.append(WorkerAnswer(worker_id, role, None, error))
+            router.registry.call_failed(worker.worker_id, answer)
+            error = f"no status: {describe(answer)}"
+            out.append(WorkerAnswer(worker.worker_id, worker.role, worker.state, None, error))
         else:
-            out.append(WorkerAnswer(worker_id, role, answer, error))
+            out.append(
+                WorkerAnswer(worker.worker_id, worker.role, worker.state, answer, worker.reason)
+            )
     return out
 
 
 async def cluster_status(router: Router) -> pb.ClusterStatus:
-    """Serving means: at least one worker of each role, and every worker answered."""
+    """Serving means what the health service says: a decode worker is up (it prefills locally
+    when no prefill worker is)."""
     infos = [_info(answer) for answer in await ask_workers(router)]
     return pb.ClusterStatus(
         model=router.model_name,
-        serving=bool(router.prefill_workers)
-        and bool(router.decode_workers)
-        and not any(info.error for info in infos),
+        serving=router.registry.serving,
         workers=infos,
         inflight=router.num_inflight,
         queued=router.num_queued,
@@ -63,7 +71,9 @@ async def _ask(handle: Any) -> WorkerStatus:
 
 def _info(answer: WorkerAnswer) -> pb.WorkerInfo:
     status = answer.status
-    info = pb.WorkerInfo(id=answer.worker_id, role=answer.role, error=answer.error)
+    info = pb.WorkerInfo(
+        id=answer.worker_id, role=answer.role, state=answer.state, error=answer.error
+    )
     if status is None:
         return info
     info.tp = status.tp

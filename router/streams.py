@@ -14,42 +14,58 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.api.messages import TokenDelta
+from pdserve.router.registry import describe
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Failure:
-    """Ends a request with the gRPC status named `code` (put on its queue by the router)."""
+    """Ends a request with the gRPC status named `code` (put on its queue by the router).
+    A `retryable` one (the path to a worker broke) moves the request to another worker."""
 
     code: str
     message: str
+    retryable: bool = False
 
 
-Event = TokenDelta | Failure
+@dataclass(frozen=True)
+class Lost:
+    """The decode worker of the request's attempt is down: its remaining tokens must come from
+    elsewhere."""
+
+    worker_id: str
+
+
+Event = TokenDelta | Failure | Lost
 
 
 class DecodeStreams:
-    """Consumes every decode worker's stream; `on_lost(worker_id, reason)` is called when one
-    ends."""
+    """Consumes each decode worker's stream, from `watch` (at start, and again whenever the
+    worker comes back) to `stop`; `on_lost(worker_id, epoch, reason)` hears when one ends."""
 
-    def __init__(self, decode: Mapping[str, Any], on_lost: Callable[[str, str], None]) -> None:
+    def __init__(self, decode: Mapping[str, Any], on_lost: Callable[[str, int, str], None]) -> None:
         self._decode = dict(decode)
         self._on_lost = on_lost
         self._queues: dict[str, tuple[str, asyncio.Queue[Event]]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._consume(worker_id, handle), name=f"stream-{worker_id}")
-            for worker_id, handle in self._decode.items()
-        ]
+    def watch(self, worker_id: str, epoch: int) -> None:
+        """Consumes the worker's stream (in its registration `epoch`), replacing any earlier
+        consumer of it."""
+        old = self._tasks.get(worker_id)
+        if old is not None:
+            old.cancel()
+        self._tasks[worker_id] = asyncio.create_task(
+            self._consume(worker_id, epoch, self._decode[worker_id]), name=f"stream-{worker_id}"
+        )
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = {}
 
     def register(self, attempt_id: str, worker_id: str) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -65,7 +81,13 @@ class DecodeStreams:
         if entry is not None:
             entry[1].put_nowait(event)
 
-    async def _consume(self, worker_id: str, handle: Any) -> None:
+    def lose(self, worker_id: str) -> None:
+        """Tells every attempt on `worker_id` that its worker is down."""
+        for w, queue in list(self._queues.values()):
+            if w == worker_id:
+                queue.put_nowait(Lost(worker_id))
+
+    async def _consume(self, worker_id: str, epoch: int, handle: Any) -> None:
         try:
             async for ref in handle.stream.options(num_returns="streaming").remote():
                 outputs = await ref
@@ -75,13 +97,10 @@ class DecodeStreams:
                     # string) keep coming until the worker sees the abort; they are dropped.
                     if entry is not None:
                         entry[1].put_nowait(delta)
-            reason = "the stream ended"
+            reason = "its token stream ended"
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            reason = f"the stream failed: {type(e).__name__}: {e}"
-        logger.error("decode worker %s is lost: %s", worker_id, reason)
-        self._on_lost(worker_id, reason)
-        for w, queue in list(self._queues.values()):
-            if w == worker_id:
-                queue.put_nowait(Failure("UNAVAILABLE", f"decode worker {worker_id}: {reason}"))
+            logger.warning("decode worker %s: stream failed: %s", worker_id, e)
+            reason = describe(e)
+        self._on_lost(worker_id, epoch, reason)

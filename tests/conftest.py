@@ -74,3 +74,11 @@ def tiny_mqa_dir(tmp_path_factory):
 def tiny_llama3_rope_dir(tmp_path_factory):
     """The default tiny Llama with llama3 rope scaling (original context 256)."""
     return _make(tmp_path_factory, "tiny-llama3-rope", rope_scaling=LLAMA3_ROPE_SCALING)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    from fault_table import ROWS, format_table
+
+    if ROWS:
+        terminalreporter.write_sep("=", "fault injection")
+        terminalreporter.write_line(format_table())

@@ -1,10 +1,13 @@
 """A KV channel: a 2-rank process group between one prefill rank and one decode rank.
 
 A channel is a process group of its own (gloo for CPU tensors, NCCL for CUDA tensors) over a
-`TCPStore` that the decode side hosts. It is created on first use from an address that the two
-workers exchange through Ray, so workers join and leave without a global world. It carries the
-typed messages of `messages.py`; KV payloads are token-granular, so a transfer moves exactly
-layers x 2 x heads x head_dim x tokens x dtype bytes whatever the block size.
+`TCPStore` that the decode side hosts, on the node's cluster address only. Before the group
+forms, the joining side proves that it holds the cluster's secret (an HMAC of a nonce the store
+offers), so no process outside the cluster can hand a decode worker KV. It is created on first
+use from an address that the two workers exchange through Ray, so workers join and leave
+without a global world. It carries the typed messages of `messages.py`; KV payloads are
+token-granular, so a transfer moves exactly layers x 2 x heads x head_dim x tokens x dtype bytes
+whatever the block size.
 
 A receive that times out breaks the group (see PLATFORM.md): after any failure the channel is
 discarded and a new one is built on next use.
@@ -13,13 +16,17 @@ discarded and a new one is built on next use.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 import logging
+import secrets
 import time
 
 import torch
 import torch.distributed as dist
 
 from pdserve.api.errors import TransferFailed
+from pdserve.engine.store import bound_store
 from pdserve.engine.kv_transfer.messages import (
     DTYPES,
     HEADER_LEN,
@@ -39,6 +46,11 @@ from pdserve.engine.kv_transfer.messages import (
 logger = logging.getLogger(__name__)
 
 SENDER, RECEIVER = 0, 1
+_NONCE_KEY, _PROOF_KEY = "pdserve/nonce", "pdserve/proof"
+
+
+def _proof(secret: bytes, nonce: bytes) -> str:
+    return hmac.new(secret, nonce, hashlib.sha256).hexdigest()
 
 
 class KVChannel:
@@ -58,30 +70,65 @@ class KVChannel:
 
     @staticmethod
     def host_store(host: str, timeout_s: float) -> dist.TCPStore:
-        """The decode side's rendezvous store; its `.port` is the address to hand out."""
-        return dist.TCPStore(
-            host,
-            0,
-            2,
-            True,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            wait_for_workers=False,
-        )
+        """The decode side's rendezvous store, listening on `host` only; its `.port` is the
+        address to hand out. It holds a fresh nonce for the joining side to prove the secret
+        against."""
+        store = bound_store(host, 2, timeout_s)
+        store.set(_NONCE_KEY, secrets.token_bytes(16))
+        return store
 
     @classmethod
-    def join(
+    def accept(
+        cls,
+        store: dist.TCPStore,
+        host: str,
+        device: torch.device,
+        timeout_s: float,
+        secret: bytes,
+    ) -> KVChannel:
+        """The receiving end, on the store it hosts: blocks until the peer has proved that it
+        holds the cluster's `secret` (raises TransferFailed if it proves otherwise) and joined."""
+        try:
+            store.wait([_PROOF_KEY])
+            proof = store.get(_PROOF_KEY).decode()
+        except RuntimeError as e:
+            raise TransferFailed(f"no peer joined the KV channel: {e}") from e
+        if not hmac.compare_digest(proof, _proof(secret, store.get(_NONCE_KEY))):
+            raise TransferFailed("refused a KV channel: the peer did not prove the cluster secret")
+        return cls._group(store, proof, RECEIVER, host, device, timeout_s)
+
+    @classmethod
+    def connect(
         cls,
         host: str,
         port: int,
-        rank: int,
+        local_host: str,
         device: torch.device,
         timeout_s: float,
-        store: dist.TCPStore | None = None,
+        secret: bytes,
     ) -> KVChannel:
-        """Blocks until both ends have joined. The receiver passes the store it hosts."""
+        """The sending end: joins the store at `host:port`, proves `secret`, and blocks until
+        the group is formed; its own sockets listen on `local_host`."""
         timeout = datetime.timedelta(seconds=timeout_s)
-        if store is None:
-            store = dist.TCPStore(host, port, 2, False, timeout=timeout)
+        store = dist.TCPStore(host, port, 2, False, timeout=timeout)
+        proof = _proof(secret, store.get(_NONCE_KEY))
+        store.set(_PROOF_KEY, proof)
+        return cls._group(store, proof, SENDER, local_host, device, timeout_s)
+
+    @classmethod
+    def _group(
+        cls,
+        store: dist.TCPStore,
+        proof: str,
+        rank: int,
+        local_host: str,
+        device: torch.device,
+        timeout_s: float,
+    ) -> KVChannel:
+        # NOTE: the group meets under a prefix named by the proof, so a client of the store
+        # that cannot compute it cannot take part in (or disturb) the group's rendezvous.
+        store = dist.PrefixStore(f"{proof}/", store)
+        timeout = datetime.timedelta(seconds=timeout_s)
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
@@ -89,7 +136,7 @@ class KVChannel:
         else:
             opts = dist.ProcessGroupGloo._Options()
             opts._timeout = timeout
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
             group = dist.ProcessGroupGloo(store, rank, 2, opts)
         return cls(group, rank, device)
 

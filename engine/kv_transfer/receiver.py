@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from pdserve.api.block_hash import blocks_for
 from pdserve.api.messages import ChannelAddress
-from pdserve.engine.kv_transfer.channel import RECEIVER, KVChannel
+from pdserve.engine.kv_transfer.channel import KVChannel
 from pdserve.engine.kv_transfer.messages import KeepAlive, KVChunk, TransferCancel, TransferDone
 from pdserve.engine.kv_transfer.slots import scatter_tokens, token_slots
 
@@ -73,6 +74,7 @@ class KVReceiver:
     def __init__(
         self,
         host: str,
+        secret: bytes,
         kv_cache: torch.Tensor,
         block_size: int,
         timeout_s: float,
@@ -82,6 +84,7 @@ class KVReceiver:
         on_failed: Callable[[Incoming, str], None],
     ) -> None:
         self.host = host
+        self._secret = secret
         self._kv_cache = kv_cache
         self._block_size = block_size
         self._timeout_s = timeout_s
@@ -91,7 +94,9 @@ class KVReceiver:
         self._by_attempt: dict[str, Incoming] = {}
         self._by_transfer: dict[int, Incoming] = {}
         self._transfer_ids = itertools.count(1)
-        self._epochs = itertools.count(1)
+        # NOTE: epochs start at random, so a channel of a restarted process never takes the
+        # epoch of one the prefill side still holds from the process before.
+        self._epochs = itertools.count(random.getrandbits(62))
         self._closed_bytes = 0
         self.blocks_received = 0
 
@@ -172,8 +177,8 @@ class KVReceiver:
 
     def _serve(self, chan: _Channel, store: dist.TCPStore) -> None:
         try:
-            chan.kv = KVChannel.join(
-                self.host, store.port, RECEIVER, self._kv_cache.device, self._timeout_s, store
+            chan.kv = KVChannel.accept(
+                store, self.host, self._kv_cache.device, self._timeout_s, self._secret
             )
             if not chan.alive:  # closed (replaced) while it was being joined
                 chan.kv.close()

@@ -30,7 +30,7 @@ import torch
 from pdserve.api.block_hash import blocks_for
 from pdserve.api.errors import NotFound, RemoteError, TransferFailed
 from pdserve.api.messages import ChannelAddress, PrefillRequest, ReserveReply
-from pdserve.engine.kv_transfer.channel import SENDER, KVChannel
+from pdserve.engine.kv_transfer.channel import KVChannel
 from pdserve.engine.kv_transfer.links import Links
 from pdserve.engine.kv_transfer.messages import (
     KeepAlive,
@@ -67,7 +67,8 @@ class _Channel:
     decode_id: str
     kv: Links
     epoch: int
-    fail_after_messages: int | None = None
+    fail_after_messages: int | None = None  # chaos hook: see `inject_fault`
+    stall: bool = False
     unlinked: bool = False
 
 
@@ -98,11 +99,14 @@ class KVSender:
 
     In a tensor-parallel prefill worker this sender runs on rank 0 and `ranks` are the Ray
     handles of the others: each joins its own channels, and every decision here that touches
-    KV or a channel is also an order (`orders.py`) that `publish()` hands to them."""
+    KV or a channel is also an order (`orders.py`) that `publish()` hands to them. Channels
+    listen on `host` and prove the cluster's `secret` to the decode side."""
 
     def __init__(
         self,
         worker_id: str,
+        host: str,
+        secret: bytes,
         kv_cache: torch.Tensor,
         num_kv_heads: int,
         tp: TPGroup,
@@ -116,6 +120,8 @@ class KVSender:
         self.worker_id = worker_id
         self._ranks = list(ranks)
         self._orders: list[Order] | None = [] if ranks else None
+        self._host = host
+        self._secret = secret
         self._kv_cache = kv_cache
         self._num_kv_heads = num_kv_heads
         self._tp = tp
@@ -127,6 +133,7 @@ class KVSender:
         self._channels: dict[str, _Channel] = {}
         self._channels_lock = threading.Lock()
         self._opening: dict[str, asyncio.Task[_Channel]] = {}
+        self._handshake_faults: dict[str, bool] = {}  # decode id -> stall (chaos hook)
         self._transfers: dict[str, Outgoing] = {}
         self._closed_bytes = 0
         self.blocks_sent = 0
@@ -302,7 +309,8 @@ class KVSender:
         live = {id(t.channel): t.channel for t in self._transfers.values() if t.channel}
         for chan in live.values():
             fresh = now - chan.kv.last_send <= self._timeout_s / 4
-            if fresh or self._channels.get(chan.decode_id) is not chan:
+            faulty = chan.fail_after_messages is not None  # an injected fault: no keep-alives
+            if fresh or faulty or self._channels.get(chan.decode_id) is not chan:
                 continue
             self._order(Relay(chan.decode_id, chan.epoch, KeepAlive()))
             self._order(Flush(chan.decode_id, chan.epoch))
@@ -312,13 +320,23 @@ class KVSender:
             except TransferFailed as e:
                 self._channel_failed(chan, e)
 
-    def inject_fault(self, decode_id: str, after_messages: int) -> None:
-        """Chaos hook: close the channel to `decode_id` after it sends `after_messages` more
-        messages, as a dying link would, mid-transfer."""
+    def inject_fault(self, decode_id: str, after_messages: int | None, stall: bool) -> None:
+        """Chaos hook: the channel to `decode_id` breaks as a dying link would. With
+        `after_messages`, the open channel does after sending that many more messages; with
+        None, the next channel to it does at its handshake (the open one is closed). A broken
+        channel closes (the decode worker sees it fail at once), or with `stall` goes silent
+        (it sees nothing until its timeout); at the handshake, closing is a peer without the
+        cluster's secret."""
         chan = self._channels.get(decode_id)
+        if after_messages is None:
+            self._handshake_faults[decode_id] = stall
+            if chan is not None:
+                self._unlink(chan)
+                chan.kv.close()
+            return
         if chan is None:
             raise NotFound(f"no KV channel to {decode_id}")
-        chan.fail_after_messages = after_messages
+        chan.fail_after_messages, chan.stall = after_messages, stall
 
     def _send_chunk(self, t: Outgoing, chunk: KVChunk) -> None:
         """Sends the tokens of `chunk` that the decode worker does not hold already."""
@@ -349,6 +367,8 @@ class KVSender:
         try:
             if chan.fail_after_messages is not None:
                 if chan.fail_after_messages <= 0:
+                    if chan.stall:
+                        return
                     raise TransferFailed("channel closed by an injected fault")
                 chan.fail_after_messages -= 1
             chan.kv.send(msg)
@@ -388,6 +408,13 @@ class KVSender:
         mine = [r for r in routes if r.prefill_rank == self._tp.rank]
         device, timeout = self._kv_cache.device, self._timeout_s
         epoch = addrs[0, 0].epoch
+        secret = self._secret
+        stall = self._handshake_faults.pop(decode_id, None)
+        if stall:
+            await asyncio.sleep(self._timeout_s)
+            raise TransferFailed(f"the handshake with {decode_id} stalled (an injected fault)")
+        if stall is not None:
+            secret = b"not the cluster's secret"
         others = [
             handle.join_channels.remote(
                 decode_id,
@@ -398,7 +425,9 @@ class KVSender:
         ]
         joined = await asyncio.gather(
             *(
-                asyncio.to_thread(KVChannel.join, a.host, a.port, SENDER, device, timeout)
+                asyncio.to_thread(
+                    KVChannel.connect, a.host, a.port, self._host, device, timeout, secret
+                )
                 for a in (addrs[r.prefill_rank, r.decode_rank] for r in mine)
             ),
             *others,

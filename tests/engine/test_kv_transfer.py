@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 
@@ -11,25 +13,72 @@ import torch
 from pdserve.api.errors import TransferFailed
 from pdserve.api.messages import TokenLogprobs
 from pdserve.engine.kv_pool import allocate_kv_cache
-from pdserve.engine.kv_transfer.channel import RECEIVER, SENDER, KVChannel
+from pdserve.engine.kv_transfer.channel import KVChannel
 from pdserve.engine.kv_transfer.messages import KeepAlive, KVChunk, TransferCancel, TransferDone
 from pdserve.engine.kv_transfer.slots import gather_tokens, scatter_tokens, token_slots
 
 CPU = torch.device("cpu")
 
 
+SECRET = b"the cluster's secret"
+HOST = "127.0.0.1"
+
+
 def _pair(timeout_s: float = 5.0) -> tuple[KVChannel, KVChannel]:
-    store = KVChannel.host_store("127.0.0.1", timeout_s)
+    store = KVChannel.host_store(HOST, timeout_s)
     ends: dict[str, KVChannel] = {}
     receiver = threading.Thread(
-        target=lambda: ends.update(
-            r=KVChannel.join("127.0.0.1", store.port, RECEIVER, CPU, timeout_s, store)
-        )
+        target=lambda: ends.update(r=KVChannel.accept(store, HOST, CPU, timeout_s, SECRET))
     )
     receiver.start()
-    sender = KVChannel.join("127.0.0.1", store.port, SENDER, CPU, timeout_s)
+    sender = KVChannel.connect(HOST, store.port, HOST, CPU, timeout_s, SECRET)
     receiver.join()
     return sender, ends["r"]
+
+
+def _listening(pid: int) -> list[str]:
+    """The local addresses of the TCP sockets that process `pid` listens on (`ss -ltnp`)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[3] for line in out.splitlines() if f"pid={pid}," in line]
+
+
+def test_a_channel_listens_on_the_given_address_only():
+    before = set(_listening(os.getpid()))
+    sender, receiver = _pair()
+    opened = set(_listening(os.getpid())) - before  # the store and both ends' gloo sockets
+    assert len(opened) >= 3, opened
+    assert all(a.startswith(f"{HOST}:") for a in opened), opened
+    sender.close()
+    receiver.close()
+
+
+def test_a_peer_without_the_cluster_secret_is_refused():
+    store = KVChannel.host_store(HOST, 5.0)
+    refused: list[Exception] = []
+
+    def accept() -> None:
+        try:
+            KVChannel.accept(store, HOST, CPU, 5.0, SECRET)
+        except TransferFailed as e:
+            refused.append(e)
+
+    receiver = threading.Thread(target=accept)
+    receiver.start()
+    intruder = threading.Thread(
+        target=lambda: _swallow(KVChannel.connect, HOST, store.port, HOST, CPU, 2.0, b"guess"),
+        daemon=True,
+    )
+    intruder.start()
+    receiver.join(timeout=10)
+    assert not receiver.is_alive(), "the receiver still waits for the intruder"
+    assert refused and "cluster secret" in str(refused[0])
+
+
+def _swallow(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:  # the intruder's side fails one way or another; only the refusal counts
+        pass
 
 
 def test_layer_payloads_land_in_the_receivers_own_blocks():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from engine_helpers import make_engine, run_all
 
 from pdserve.api.sampling import SamplingParams
@@ -39,3 +40,23 @@ def test_resumed_plain_seeded_sampling_continues_identically(tiny_llama_dir):
     b = make_engine(tiny_llama_dir)
     b.add_request("y", PROMPT, params, output_token_ids=full[:7])
     assert full[:7] + run_all(b)["y"] == full
+
+
+def test_resumed_seeded_sampling_survives_the_recomputed_kv_of_its_output(tiny_llama_dir):
+    """A resumed request prefills its earlier output, whose KV then differs from the decoded
+    one in the last bits; the draw must not flip on that. (Inverse transform sampling did: both
+    of these diverged, at tokens 167 and 189.)"""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 1000, (40 + i,), generator=g).tolist() for i in range(5)]
+    cases = {0: prompts[0], 4: prompts[4]}
+    full = make_engine(tiny_llama_dir)
+    for i, prompt in cases.items():
+        params = SamplingParams(max_tokens=200, temperature=0.9, seed=1000 + i, ignore_eos=True)
+        full.add_request(str(i), prompt, params)
+    expected = run_all(full)
+    resumed = make_engine(tiny_llama_dir)
+    for i, prompt in cases.items():
+        params = SamplingParams(max_tokens=200, temperature=0.9, seed=1000 + i, ignore_eos=True)
+        resumed.add_request(str(i), prompt, params, output_token_ids=expected[str(i)][:7])
+    for key, rest in run_all(resumed).items():
+        assert expected[key][:7] + rest == expected[key]

@@ -98,7 +98,8 @@ def test_the_client_sends_its_key_with_every_call(keyed):
 
 @pytest.mark.parametrize("service", ["", "pdserve.v1.Generation"])
 def test_health_answers_without_a_key(keyed, service):
-    assert health_status(keyed.target, service) == health_pb2.HealthCheckResponse.SERVING
+    # NOT_SERVING: a router without workers cannot serve; what counts is that it answers
+    assert health_status(keyed.target, service) == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_reflection_answers_without_a_key(keyed):
@@ -130,7 +131,7 @@ def test_health_over_tls_answers_without_a_key(secure, tls_files):
     with grpc.secure_channel(secure.target, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING  # it has no workers
 
 
 # Each command with the right key gets past auth: status prints the worker-less cluster,

@@ -49,18 +49,44 @@ def test_round_robin_cycles_in_id_order_regardless_of_load():
     assert [a.decode for a in got] == ["d0", "d1", "d2", "d0"]
 
 
-def test_a_lost_decode_worker_gets_no_more_requests():
+def test_a_disabled_decode_worker_gets_no_requests_until_enabled_again():
     placer = Placer("least_loaded", ["p0"], ["d0", "d1"])
-    placer.remove_decode("d0")
+    placer.disable("decode", "d0")
     assert {placer.place(ANY).decode for _ in range(3)} == {"d1"}
+    placer.enable("decode", "d0")
+    assert placer.place(ANY).decode == "d0"
 
 
 @pytest.mark.parametrize("policy", ["least_loaded", "round_robin"])
-def test_no_workers_is_unavailable(policy):
+def test_no_decode_worker_is_unavailable(policy):
+    placer = Placer(policy, ["p0"], ["d0"])
+    placer.disable("decode", "d0")
     with pytest.raises(PdserveError) as info:
-        Placer(policy, [], ["d0"]).place(ANY)
+        placer.place(ANY)
     assert info.value.grpc_code == "UNAVAILABLE"
-    assert "prefill" in str(info.value)
+    assert "decode" in str(info.value)
+
+
+@pytest.mark.parametrize("policy", ["least_loaded", "round_robin", "cache_aware"])
+def test_with_no_prefill_worker_up_the_decode_worker_prefills(policy):
+    placer = Placer(policy, ["p0"], ["d0"], local_prefill_max_tokens=0)
+    placer.disable("prefill", "p0")
+    assert placer.place(Demand((), 4000, 16)) == Assignment("", "d0", 0, 4016)
+
+
+def test_avoided_decode_workers_are_passed_over():
+    placer = Placer("least_loaded", ["p0"], ["d0", "d1", "d2"])
+    avoid = frozenset({"d0", "d1"})
+    assert {placer.place(Demand((), 8, 8, avoid=avoid)).decode for _ in range(3)} == {"d2"}
+
+
+def test_a_release_after_a_worker_came_back_never_goes_below_zero():
+    placer = Placer("least_loaded", ["p0"], ["d0"])
+    a = placer.place(ANY)
+    placer.disable("decode", "d0")
+    placer.enable("decode", "d0")
+    placer.decode_done(a)
+    assert placer.decode.requests == {"d0": 0} and placer.decode.tokens == {"d0": 0}
 
 
 def test_unknown_policy_is_refused():
@@ -177,9 +203,9 @@ def test_a_pin_to_an_unknown_worker_is_invalid_argument_naming_it(role):
     assert "'gpu-7'" in str(info.value)
 
 
-def test_a_pin_to_a_lost_decode_worker_is_unavailable():
+def test_a_pin_to_a_disabled_decode_worker_is_unavailable():
     placer = aware(RadixIndex())
-    placer.remove_decode("d1")
+    placer.disable("decode", "d1")
     with pytest.raises(PdserveError) as info:
         placer.place(demand(SYSTEM, decode_worker="d1"))
     assert info.value.grpc_code == "UNAVAILABLE"

@@ -147,8 +147,8 @@ def test_cluster_without_workers_is_not_serving(server, tokenizer):
 
 
 @pytest.mark.parametrize("service", ["", "pdserve.v1.Generation"])
-def test_health_service_reports_serving(server, service):
-    assert health_status(server.target, service) == health_pb2.HealthCheckResponse.SERVING
+def test_health_service_reports_not_serving_without_a_decode_worker(server, service):
+    assert health_status(server.target, service) == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_reflection_describes_the_generation_service(server):
@@ -170,7 +170,7 @@ def test_random_malformed_requests_crash_nothing(server, raw):
     code, details = generate_status(server.target, raw)
     # without workers a valid request ends UNAVAILABLE; nothing may end as a server fault
     assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE), details
-    assert health_status(server.target, "") == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(server.target, "") == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,11 @@ def _corrupt(svc: DecodeService, token_id: int) -> None:
 def test_a_failed_step_ends_its_requests_with_an_error_and_the_loop_serves_on(tiny_llama_dir):
     async def scenario():
         svc = DecodeService(
-            "decode-t", EngineConfig(model=str(tiny_llama_dir), num_blocks=32), "127.0.0.1", 5.0
+            "decode-t",
+            EngineConfig(model=str(tiny_llama_dir), num_blocks=32),
+            "127.0.0.1",
+            b"s",
+            5.0,
         )
         await svc.start()
         bad = PrefillRequest("bad", (5, 6, 7, 8), PARAMS, "decode-t")
@@ -69,7 +73,11 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_loop_serves_on(ti
 def test_local_prefill_of_a_known_request_is_ignored(tiny_llama_dir):
     async def scenario():
         svc = DecodeService(
-            "decode-t", EngineConfig(model=str(tiny_llama_dir), num_blocks=32), "127.0.0.1", 5.0
+            "decode-t",
+            EngineConfig(model=str(tiny_llama_dir), num_blocks=32),
+            "127.0.0.1",
+            b"s",
+            5.0,
         )
         await svc.start()
         req = PrefillRequest("r", (5, 6, 7), PARAMS, "decode-t")

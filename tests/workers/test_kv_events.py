@@ -73,7 +73,7 @@ def test_events_build_the_index_and_a_restarted_worker_replaces_what_it_knew(tin
 
     async def scenario():
         index = RadixIndex()
-        old = DecodeService("decode-0", config, "127.0.0.1", 5.0)
+        old = DecodeService("decode-0", config, "127.0.0.1", b"s", 5.0)
         await old.start()
         source = RestartableSource(old)
         feed = KVFeed(index, {"decode-0": source})
@@ -82,7 +82,7 @@ def test_events_build_the_index_and_a_restarted_worker_replaces_what_it_knew(tin
         first_blocks = block_hashes(first, 16, salt)
         await _until(lambda: index.match(first_blocks).get("decode-0") == 4)
 
-        new = DecodeService("decode-0", config, "127.0.0.1", 5.0)  # a new process: new epoch
+        new = DecodeService("decode-0", config, "127.0.0.1", b"s", 5.0)  # a new process: new epoch
         await new.start()
         await _serve(new, "b", second)
         source.service = new

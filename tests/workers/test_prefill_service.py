@@ -34,8 +34,10 @@ class LocalHandle:
 
 async def _services(model_dir):
     config = EngineConfig(model=str(model_dir), num_blocks=64, max_num_batched_tokens=32)
-    decode = DecodeService("decode-0", config, "127.0.0.1", 5.0)
-    prefill = PrefillService("prefill-0", config, 5.0, lambda _: LocalHandle(decode))
+    decode = DecodeService("decode-0", config, "127.0.0.1", b"s", 5.0)
+    prefill = PrefillService(
+        "prefill-0", config, "127.0.0.1", b"s", 5.0, lambda _: LocalHandle(decode)
+    )
     await decode.start()
     await prefill.start()
     return prefill, decode
@@ -130,10 +132,12 @@ def test_decode_max_num_seqs_bounds_transferred_requests(tiny_llama_dir):
 
     async def scenario():
         config = EngineConfig(model=str(tiny_llama_dir), num_blocks=64, max_num_seqs=2)
-        decode = DecodeService("decode-0", config, "127.0.0.1", 5.0)
+        decode = DecodeService("decode-0", config, "127.0.0.1", b"s", 5.0)
         prefill = PrefillService(
             "prefill-0",
             dataclasses.replace(config, max_num_seqs=8),
+            "127.0.0.1",
+            b"s",
             5.0,
             lambda _: LocalHandle(decode),
         )
@@ -184,8 +188,10 @@ def test_no_channel_is_reported_and_the_decode_worker_prefills_the_request(tiny_
 
     async def scenario():
         config = EngineConfig(model=str(tiny_llama_dir), num_blocks=64)
-        decode = _UnreachableDecode("decode-0", config, "127.0.0.1", 1.0)
-        prefill = PrefillService("prefill-0", config, 1.0, lambda _: LocalHandle(decode))
+        decode = _UnreachableDecode("decode-0", config, "127.0.0.1", b"s", 1.0)
+        prefill = PrefillService(
+            "prefill-0", config, "127.0.0.1", b"s", 1.0, lambda _: LocalHandle(decode)
+        )
         await decode.start()
         await prefill.start()
         result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
