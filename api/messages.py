@@ -94,6 +94,18 @@ class StepOutputs:
 
 
 @dataclass(frozen=True)
+class RankStatus:
+    """One tensor-parallel rank of a worker: the node it runs on, the memory it holds, and the
+    KV bytes it received (decode) or sent (prefill) on its own channels."""
+
+    rank: int
+    node: str
+    weight_bytes: int
+    kv_cache_bytes: int
+    kv_bytes: int
+
+
+@dataclass(frozen=True)
 class WorkerStatus:
     worker_id: str
     role: str
@@ -111,6 +123,7 @@ class WorkerStatus:
     kv_bytes_received: int = 0
     kv_bytes_sent: int = 0
     transfer_fallbacks: int = 0
+    ranks: tuple[RankStatus, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,21 @@ def format_workers(workers) -> str:
     for w in workers:
         row = line(value(w) for _, _, value in WORKER_COLUMNS)
         lines.append(row + (f"  error: {w.error}" if w.error else ""))
+        lines += [_rank_line(w.role, r) for r in w.ranks]
     return "\n".join(lines)
+
+
+def _rank_line(role: str, r) -> str:
+    """A tensor-parallel rank (`RankInfo`) under its worker: node, memory, KV moved."""
+    moved = "recv" if role == "decode" else "sent"
+    return (
+        f"  rank {r.rank}  node {r.node[:12]}  weights {_mib(r.weight_bytes)}"
+        f"  kv cache {_mib(r.kv_cache_bytes)}  kv {moved} {_mib(r.kv_bytes)}"
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -268,6 +282,12 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
 
     print(f"wrote {import_gguf(args.file, args.dir)}")
     return 0
+
+
+def cmd_bench_tp(args: argparse.Namespace) -> int:
+    from pdserve.cluster.bench_tp import run_bench_tp
+
+    return run_bench_tp(args)
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
@@ -383,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.set_defaults(func=cmd_bench_engine)
+
+    p = command("bench-tp", "decode speed and collective costs at tensor-parallel sizes")
+    p.add_argument("--model", required=True, help="model folder (required)")
+    p.add_argument("--batch", type=int, default=8, help="prompts in the batch")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and KV dtype")
+    p.add_argument(
+        "--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel sizes (default: 1 2)"
+    )
+    p.add_argument("--json", action="store_true", help="print the rows as JSON on the last line")
+    p.set_defaults(func=cmd_bench_tp)
     return parser
 
 

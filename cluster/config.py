@@ -126,9 +126,7 @@ class ClusterConfig:
         for role in ("prefill", "decode"):
             part = getattr(self, role)
             _check(part.workers >= 1, f"{role}.workers", "must be >= 1")
-            _check(
-                part.tp == 1, f"{role}.tp", "only 1 is supported until tensor-parallel workers land"
-            )
+            _check(part.tp >= 1, f"{role}.tp", "must be >= 1")
         for key in (
             "prefill.token_budget",
             "prefill.max_num_seqs",

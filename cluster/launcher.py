@@ -66,9 +66,14 @@ def start_ray(config: ClusterConfig, address: str | None) -> None:
 
 @dataclass
 class Workers:
+    """Each worker's rank 0 by id (the handle everyone talks to); `ranks` holds the other
+    tensor-parallel ranks and `groups` the placement groups, for tear-down."""
+
     prefill: dict[str, Any] = field(default_factory=dict)
     decode: dict[str, Any] = field(default_factory=dict)
     max_model_len: int = 0  # the longest sequence every worker accepts
+    ranks: list[Any] = field(default_factory=list)
+    groups: list[Any] = field(default_factory=list)
 
     def all(self) -> dict[str, Any]:
         return {**self.prefill, **self.decode}
@@ -91,43 +96,69 @@ def _engine_config(config: ClusterConfig, role: str) -> EngineConfig:
     )
 
 
-def _placement(config: ClusterConfig, role: str) -> dict[str, Any]:
-    """A worker of TP size n takes n units of its role's resource (`prefill` or `decode`, which
-    node types advertise), and n GPUs on CUDA. On CPU it asks num_cpus=0: actors asking for
-    more CPUs than exist stay pending forever."""
+def _start_gang(
+    config: ClusterConfig, role: str, wid: str, secret: bytes, workers: Workers
+) -> Any:
+    """Creates a worker of TP size n: n actors in one placement group packed on one node,
+    each rank taking one unit of its role's resource (`prefill` or `decode`, which node types
+    advertise) and one GPU on CUDA. On CPU they ask num_cpus=0: actors asking for more CPUs
+    than exist stay pending forever. Returns rank 0's handle."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from pdserve.decode_worker.actor import DecodeWorker
+    from pdserve.decode_worker.rank import DecodeRank
+    from pdserve.prefill_worker.actor import PrefillWorker
+    from pdserve.prefill_worker.rank import PrefillRank
+
     tp = getattr(config, role).tp
-    gpus = tp if config.device.startswith("cuda") else 0
-    return {
-        "num_cpus": 0,
-        "num_gpus": gpus,
-        "resources": {role: tp},
-        # Ray restarts a worker whose process dies (the router notices and re-registers it).
-        "max_restarts": config.supervision.max_restarts,
-    }
+    gpus = 1 if config.device.startswith("cuda") else 0
+    bundle = {role: 1, "GPU": gpus} if gpus else {role: 1}
+    group = placement_group([bundle] * tp, strategy="STRICT_PACK")
+    workers.groups.append(group)
+
+    # Ray restarts a worker whose process dies (the router notices and re-registers it).
+    # NOTE: only a TP 1 worker: a restarted rank cannot rejoin its gang's process group, so a
+    # gang would have to restart whole, which is not built; a TP > 1 worker that fails is dead.
+    restarts = config.supervision.max_restarts if tp == 1 else 0
+
+    def on_bundle(i: int) -> dict[str, Any]:
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+        return dict(
+            num_cpus=0,
+            num_gpus=gpus,
+            resources={role: 1},
+            scheduling_strategy=strategy,
+            max_restarts=restarts,
+        )
+
+    engine_config = _engine_config(config, role)
+    args = (engine_config, config.kv_transfer.timeout_s, config.threads_per_worker, secret)
+    leader_cls, rank_cls = (
+        (DecodeWorker, DecodeRank) if role == "decode" else (PrefillWorker, PrefillRank)
+    )
+    ranks = [
+        ray.remote(rank_cls).options(**on_bundle(r)).remote(wid, r, tp, *args) for r in range(1, tp)
+    ]
+    workers.ranks += ranks
+    named = dict(name=actor_name(wid), namespace=NAMESPACE, **on_bundle(0))
+    return ray.remote(leader_cls).options(**named).remote(wid, *args, ranks)
 
 
 def launch_workers(config: ClusterConfig) -> Workers:
     """Creates every worker and returns once all have loaded their model."""
-    import ray
-
-    from pdserve.decode_worker.actor import DecodeWorker
-    from pdserve.prefill_worker.actor import PrefillWorker
-
-    timeout = config.kv_transfer.timeout_s
-    threads = config.threads_per_worker
     # NOTE: KV channels admit only peers that prove this secret; it reaches the workers through
     # Ray (the constructor's arguments, which Ray passes again to a restarted worker).
     secret = secrets.token_bytes(32)
     workers = Workers()
-    for role, cls in (("decode", DecodeWorker), ("prefill", PrefillWorker)):
-        for i in range(getattr(config, role).workers):
-            wid = f"{role}-{i}"
-            getattr(workers, role)[wid] = (
-                ray.remote(cls)
-                .options(name=actor_name(wid), namespace=NAMESPACE, **_placement(config, role))
-                .remote(wid, _engine_config(config, role), timeout, threads, secret)
-            )
     try:
+        for i in range(config.decode.workers):
+            wid = f"decode-{i}"
+            workers.decode[wid] = _start_gang(config, "decode", wid, secret, workers)
+        for i in range(config.prefill.workers):
+            wid = f"prefill-{i}"
+            workers.prefill[wid] = _start_gang(config, "prefill", wid, secret, workers)
         workers.max_model_len = min(
             _get_interruptibly([h.start.remote() for h in workers.all().values()])
         )
@@ -156,12 +187,18 @@ def _get_interruptibly(refs: list[Any]) -> list[Any]:
 
 def stop_workers(workers: Workers) -> None:
     import ray
+    from ray.util.placement_group import remove_placement_group
 
-    for handle in workers.all().values():
+    for handle in [*workers.all().values(), *workers.ranks]:
         try:
             ray.kill(handle)
         except Exception as e:  # a worker that already died is fine
             logger.debug("killing a worker: %s", e)
+    for group in workers.groups:
+        try:
+            remove_placement_group(group)
+        except Exception as e:  # the cluster is going away too
+            logger.debug("removing a placement group: %s", e)
 
 
 async def start_router(

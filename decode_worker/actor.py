@@ -1,4 +1,5 @@
-"""The Ray actor shell of a decode worker rank (rank 0 of its tensor-parallel gang).
+"""The Ray actor shell of a decode worker: its rank 0, which holds the handles of its other
+tensor-parallel ranks (`rank.py`).
 
 Like the prefill shell, it imports neither torch nor the engine at module level, and it owns the
 process-wide settings (torch threads, the GIL switch interval) that the service must not touch.
@@ -7,9 +8,10 @@ process-wide settings (torch threads, the GIL switch interval) that the service 
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import ray
+from ray.actor import ActorHandle
 
 from pdserve.api.messages import (
     ChannelAddress,
@@ -36,6 +38,7 @@ class DecodeWorker:
         transfer_timeout_s: float,
         threads: int,
         cluster_secret: bytes,
+        ranks: Sequence[ActorHandle] = (),
     ) -> None:
         import torch
 
@@ -43,9 +46,14 @@ class DecodeWorker:
 
         torch.set_num_threads(threads)
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        host = ray.util.get_node_ip_address()
         self._svc = DecodeService(
-            worker_id, engine_config, host, cluster_secret, transfer_timeout_s
+            worker_id,
+            engine_config,
+            ray.util.get_node_ip_address(),
+            cluster_secret,
+            transfer_timeout_s,
+            ranks,
+            ray.get_runtime_context().get_node_id(),
         )
         self._started = False
 
@@ -57,8 +65,15 @@ class DecodeWorker:
             await self._svc.start()
         return self._svc.engine.max_model_len
 
-    async def open_channel(self, prefill_id: str) -> ChannelAddress:
-        return await self._svc.open_channel(prefill_id)
+    async def open_channel(
+        self, prefill_id: str, prefill_tp: int
+    ) -> tuple[tuple[int, int, ChannelAddress], ...]:
+        return await self._svc.open_channel(prefill_id, prefill_tp)
+
+    async def rank_landed(
+        self, attempt_id: str, rank: int, source: int, error: str, nbytes: int
+    ) -> None:
+        await self._svc.rank_landed(attempt_id, rank, source, error, nbytes)
 
     async def reserve(self, req: PrefillRequest, prefill_id: str, epoch: int) -> ReserveReply:
         return await self._svc.reserve(req, prefill_id, epoch)

@@ -7,6 +7,13 @@ counts as used). This worker
 alone decides when a request falls back to local prefill: when its transfer fails, goes silent
 or arrives incomplete, when another part reports that it could not deliver the KV, or when its
 blocks are too busy to reserve (the request then waits here for them instead of failing).
+
+A worker of TP size N is this service on rank 0 and N-1 `DecodeRankService`s (`ranks`, their
+Ray handles), which run every step with it and receive their own KV heads on channels of their
+own. A rank receives from each prefill rank that holds some of its heads (`kv_routes`); each
+such (decode rank, prefill rank) pair is a *part* of a transfer, and a request is admitted once
+every part landed. Rank 0's part from prefill rank 0 is the main one: it always exists (both
+hold KV head 0), and its receiver decides cancels and fallbacks as with one rank.
 """
 
 from __future__ import annotations
@@ -14,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 from pdserve.api.errors import CapacityExceeded, PdserveError
 from pdserve.api.messages import (
     ChannelAddress,
     PrefillRequest,
+    RankStatus,
     ReserveReply,
     StepOutputs,
     Timings,
@@ -33,7 +43,9 @@ from pdserve.engine.engine_thread import EngineThread
 from pdserve.engine.event_publisher import EventPublisher
 from pdserve.engine.kv_transfer.messages import TransferDone
 from pdserve.engine.kv_transfer.receiver import Incoming, KVReceiver
+from pdserve.engine.kv_transfer.routes import Route, kv_routes
 from pdserve.engine.llm_engine import LLMEngine, StepOutput
+from pdserve.engine.parallel import TPGroup, lead
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +63,18 @@ class _RequestInfo:
     timings: Timings = field(default_factory=Timings)
 
 
+@dataclass
+class _Parts:
+    """A transfer's parts, by (decode rank, prefill rank), that have not landed yet, and what
+    the landed ones brought: the main part's closing message and transfer time, and the KV
+    bytes of all."""
+
+    awaiting: set[tuple[int, int]]
+    done: TransferDone | None = None
+    transfer_s: float = 0.0
+    nbytes: int = 0
+
+
 class DecodeService:
     """KV channels listen on `host` (the node's cluster address) and accept only peers that
     prove the cluster's `secret`."""
@@ -62,21 +86,24 @@ class DecodeService:
         host: str,
         secret: bytes,
         transfer_timeout_s: float,
+        ranks: Sequence[Any] = (),
+        node: str = "",
     ) -> None:
         self.worker_id = worker_id
-        self.engine = LLMEngine(config)
+        self.tp = TPGroup(0, 1 + len(ranks))
+        self.engine = LLMEngine(config, self.tp)
+        self._ranks = list(ranks)
+        self._host, self._secret = host, secret
+        self._node, self._timeout_s = node, transfer_timeout_s
+        self._block_size = config.block_size
+        # Set on the event loop when a prefill worker opens its channels: its routes, and the
+        # epoch of each part's channel, by (decode rank, prefill rank).
+        self._routes: dict[str, list[Route]] = {}
+        self._epochs: dict[str, dict[tuple[int, int], int]] = {}
+        self._parts: dict[str, _Parts] = {}  # on the engine thread: transfers in flight
         self._core = EngineThread(f"engine-{worker_id}", self._step)
-        self._receiver = KVReceiver(
-            host,
-            secret,
-            self.engine.kv_cache,
-            config.block_size,
-            transfer_timeout_s,
-            post=self._core.post,
-            on_done=self._admit,
-            on_cancel=self._release,
-            on_failed=self._fall_back,
-        )
+        self._receiver = self._new_receiver(self._admit, self._release, self._fall_back)
+        self._extra: dict[int, KVReceiver] = {}  # from prefill ranks > 0, by prefill rank
         self._events = EventPublisher(worker_id, self.engine)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: asyncio.Queue[StepOutputs] = asyncio.Queue()
@@ -85,19 +112,67 @@ class DecodeService:
         self.num_fallbacks = 0
 
     async def start(self) -> None:
+        await lead(self.tp, self._ranks, self._host, self.engine.device, self._timeout_s)
         self._loop = asyncio.get_running_loop()
         self._events.attach(self._loop)
         self._core.start()
 
     # --- the RPC surface (on the event loop; the work runs on the engine thread) ------------
 
-    async def open_channel(self, prefill_id: str) -> ChannelAddress:
-        return await self._core.call(self._receiver.open_channel, prefill_id)
+    async def open_channel(
+        self, prefill_id: str, prefill_tp: int
+    ) -> tuple[tuple[int, int, ChannelAddress], ...]:
+        """Hosts the channels of a prefill worker of TP size `prefill_tp`, one per route, on the
+        ranks they end at; returns (prefill rank, decode rank, address) of each."""
+        routes = kv_routes(self.engine.model_config.num_kv_heads, prefill_tp, self.tp.size)
+
+        def sources(d: int) -> list[tuple[int, slice]]:
+            return [(r.prefill_rank, r.dst) for r in routes if r.decode_rank == d]
+
+        hosted = await asyncio.gather(
+            self._core.call(self._open_own, prefill_id, sources(0)),
+            *(h.open_channel.remote(prefill_id, sources(d)) for d, h in enumerate(self._ranks, 1)),
+        )
+        self._routes[prefill_id] = routes
+        self._epochs[prefill_id] = {
+            (d, p): a.epoch for d, addrs in enumerate(hosted) for p, a in addrs
+        }
+        return tuple((p, d, a) for d, addrs in enumerate(hosted) for p, a in addrs)
 
     async def reserve(self, req: PrefillRequest, prefill_id: str, epoch: int) -> ReserveReply:
         """Holds blocks for a request's KV; the reply says how many leading tokens this worker
-        holds already (only the rest is sent)."""
-        return await self._core.call(self._reserve, req, prefill_id, epoch)
+        holds already (only the rest is sent). Every rank expects its part before the reply
+        goes, so no chunk can arrive unannounced."""
+        reply, block_ids = await self._core.call(self._reserve, req, prefill_id, epoch)
+        if reply.transfer_id < 0 or not self._ranks:
+            return reply
+        aid = req.attempt_id
+        num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+        epochs = self._epochs.get(prefill_id, {})
+        part = (block_ids, num_tokens, reply.cached_tokens, reply.transfer_id)
+        try:
+            expected = await asyncio.gather(
+                *(
+                    h.expect.remote(
+                        aid, prefill_id, [(p, e) for (dr, p), e in epochs.items() if dr == d], *part
+                    )
+                    for d, h in enumerate(self._ranks, 1)
+                )
+            )
+        except Exception:  # a rank is gone: the reservation must not outlive the call
+            await self._core.call(self._release_attempt, aid)
+            raise
+        if all(expected):
+            return reply
+        await self._core.call(self._release_attempt, aid)
+        return ReserveReply(stale_channel=True)
+
+    async def rank_landed(
+        self, attempt_id: str, rank: int, source: int, error: str, nbytes: int
+    ) -> None:
+        """Rank `rank`'s part of a transfer from prefill rank `source` landed (`error` empty,
+        `nbytes` of KV) or failed."""
+        self._core.post(self._part_landed, attempt_id, (rank, source), error, nbytes)
 
     async def prefill_locally(self, req: PrefillRequest) -> bool:
         """Prefills a request here: the router's choice for a short uncached tail, or a report
@@ -115,7 +190,8 @@ class DecodeService:
         return self._events.stream()
 
     async def status(self) -> WorkerStatus:
-        return await self._core.call(self._status)
+        others = await asyncio.gather(*(r.status.remote() for r in self._ranks))
+        return await self._core.call(self._status, tuple(others))
 
     async def stream(self) -> AsyncIterator[StepOutputs]:
         """Yields the outputs of every step; when the consumer lags, the steps that piled up
@@ -129,11 +205,61 @@ class DecodeService:
             else:
                 yield StepOutputs(self.worker_id, tuple(d for b in batch for d in b.deltas))
 
-    # --- requests (on the engine thread) ----------------------------------------------------
+    # --- channels and requests (on the engine thread) ---------------------------------------
 
-    def _reserve(self, req: PrefillRequest, prefill_id: str, epoch: int) -> ReserveReply:
-        if not self._receiver.channel_ok(prefill_id, epoch):
-            return ReserveReply(stale_channel=True)
+    def _new_receiver(self, on_done, on_cancel, on_failed) -> KVReceiver:
+        return KVReceiver(
+            self._host,
+            self._secret,
+            self.engine.kv_cache,
+            self._block_size,
+            self._timeout_s,
+            post=self._core.post,
+            on_done=on_done,
+            on_cancel=on_cancel,
+            on_failed=on_failed,
+        )
+
+    def _open_own(
+        self, prefill_id: str, sources: list[tuple[int, slice]]
+    ) -> list[tuple[int, ChannelAddress]]:
+        """This rank's channels from the prefill worker's ranks `sources` (with the local heads
+        each carries)."""
+        out = []
+        for p, heads in sources:
+            if p == 0:
+                receiver = self._receiver
+            else:
+                receiver = self._extra.get(p)
+                if receiver is None:
+                    receiver = self._extra[p] = self._new_receiver(
+                        partial(self._part_done, p),
+                        partial(self._part_closed, p),
+                        partial(self._part_failed, p),
+                    )
+            out.append((p, receiver.open_channel(prefill_id, heads)))
+        return out
+
+    def _part_done(self, p: int, inc: Incoming, msg: TransferDone) -> None:
+        if self._extra[p].close(inc):
+            error = "" if inc.complete else f"incomplete transfer from prefill rank {p}"
+            self._part_landed(inc.attempt_id, (0, p), error, inc.bytes_landed)
+
+    def _part_closed(self, p: int, inc: Incoming) -> None:
+        self._extra[p].close(inc)  # the main part hears the cancel too
+
+    def _part_failed(self, p: int, inc: Incoming, reason: str) -> None:
+        if self._extra[p].close(inc):
+            self._part_landed(inc.attempt_id, (0, p), reason, 0)
+
+    def _reserve(
+        self, req: PrefillRequest, prefill_id: str, epoch: int
+    ) -> tuple[ReserveReply, list[int]]:
+        extra = {p: e for (d, p), e in self._epochs.get(prefill_id, {}).items() if d == 0 and p > 0}
+        if not self._receiver.channel_ok(prefill_id, epoch) or not all(
+            self._extra[p].channel_ok(prefill_id, e) for p, e in extra.items()
+        ):
+            return ReserveReply(stale_channel=True), []
         aid = req.attempt_id
         try:
             cached = self.engine.reserve(
@@ -143,21 +269,28 @@ class DecodeService:
             # NOTE: busy blocks are no reason to refuse: the request waits in this engine's
             # queue and is computed here once blocks free (the scheduler preempts if it must).
             self._prefill_locally(req, time.monotonic())
-            return ReserveReply(queued_here=True)
+            return ReserveReply(queued_here=True), []
         except PdserveError as e:
-            return ReserveReply(error_code=e.grpc_code, error=str(e))
+            return ReserveReply(error_code=e.grpc_code, error=str(e)), []
         num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
-        inc = self._receiver.expect(
-            aid, prefill_id, self.engine.block_ids(aid), num_tokens, held=cached
-        )
+        block_ids = self.engine.block_ids(aid)
+        inc = self._receiver.expect(aid, prefill_id, block_ids, num_tokens, held=cached)
+        for p in extra:
+            self._extra[p].expect(aid, prefill_id, block_ids, num_tokens, cached, inc.transfer_id)
         self._requests[aid] = _RequestInfo(len(req.prompt_token_ids), prefilled_by=prefill_id)
-        return ReserveReply(transfer_id=inc.transfer_id, cached_tokens=cached)
+        parts = {(r.decode_rank, r.prefill_rank) for r in self._routes.get(prefill_id, ())}
+        self._parts[aid] = _Parts(parts - {(0, 0)})
+        return ReserveReply(transfer_id=inc.transfer_id, cached_tokens=cached), block_ids
 
     def _prefill_locally(self, req: PrefillRequest, arrived: float) -> bool:
         aid = req.attempt_id
         inc = self._receiver.get(aid)
         if inc is not None:
             self._fall_back(inc, "the prefill side reported a failure")
+            return True
+        parts = self._parts.get(aid)
+        if parts is not None and parts.done is not None:  # the main part landed, another won't
+            self._fall_back_closed(aid, "the prefill side reported a failure")
             return True
         if self.engine.has_request(aid):
             return True
@@ -171,8 +304,32 @@ class DecodeService:
         inc = self._receiver.get(attempt_id)
         if inc is not None:
             self._receiver.close(inc)
+        self._forget_parts(attempt_id)
         self._requests.pop(attempt_id, None)
         return self.engine.abort(attempt_id)
+
+    def _release_attempt(self, attempt_id: str) -> None:
+        inc = self._receiver.get(attempt_id)
+        if inc is not None:
+            self._release(inc)
+
+    def _forget_parts(self, attempt_id: str) -> None:
+        """The request's blocks are given up: the other ranks stop writing into them.
+
+        NOTE: their `close` is queued before the blocks can be reserved again, and Ray runs
+        one caller's calls to an actor in order, so it lands before that reservation's
+        `expect`. A block that this worker's own prefill takes over is written by a step that
+        another rank may run before its `close` lands; a chunk still arriving for the old
+        transfer could then overwrite it. That needs a prefill worker still sending after this
+        worker gave the transfer up (an abort, or rank 0's part failing first), and is not
+        guarded against yet."""
+        if self._parts.pop(attempt_id, None) is not None:
+            for receiver in self._extra.values():
+                inc = receiver.get(attempt_id)
+                if inc is not None:
+                    receiver.close(inc)
+            for r in self._ranks:
+                r.close.remote(attempt_id)
 
     # --- transfers ending (posted by the receiver) ------------------------------------------
 
@@ -181,36 +338,56 @@ class DecodeService:
         token."""
         if not self._receiver.close(inc):
             return
+        aid = inc.attempt_id
         if not inc.complete:
-            self._fall_back_closed(inc, f"incomplete transfer (layers reached {inc.layer_end})")
+            self._fall_back_closed(aid, f"incomplete transfer (layers reached {inc.layer_end})")
             return
-        info = self._requests[inc.attempt_id]
+        parts = self._parts[aid]
+        parts.done, parts.transfer_s = msg, self._receiver.transfer_seconds(inc, msg)
+        parts.nbytes += inc.bytes_landed
+        self._admit_if_landed(aid, parts)
+
+    def _part_landed(self, attempt_id: str, part: tuple[int, int], error: str, nbytes: int) -> None:
+        parts = self._parts.get(attempt_id)
+        if parts is None:
+            return  # the request went another way already
+        if error:
+            inc = self._receiver.get(attempt_id)
+            if inc is None or self._receiver.close(inc):
+                self._fall_back_closed(attempt_id, error)
+            return
+        parts.awaiting.discard(part)
+        parts.nbytes += nbytes
+        self._admit_if_landed(attempt_id, parts)
+
+    def _admit_if_landed(self, attempt_id: str, parts: _Parts) -> None:
+        """Admits the request once the main part and every other part have landed."""
+        msg = parts.done
+        if msg is None or parts.awaiting:
+            return
+        del self._parts[attempt_id]
+        info = self._requests[attempt_id]
         info.cached_prompt_tokens = msg.cached_prompt_tokens
-        info.timings = Timings(
-            msg.queue_s,
-            msg.prefill_s,
-            self._receiver.transfer_seconds(inc, msg),
-            inc.bytes_landed,
-        )
-        out = self.engine.admit_prefilled(inc.attempt_id, msg.first_token, msg.first_logprobs)
+        info.timings = Timings(msg.queue_s, msg.prefill_s, parts.transfer_s, parts.nbytes)
+        out = self.engine.admit_prefilled(attempt_id, msg.first_token, msg.first_logprobs)
         self._emit([out])
 
     def _release(self, inc: Incoming) -> None:
         if self._receiver.close(inc):
+            self._forget_parts(inc.attempt_id)
             self._requests.pop(inc.attempt_id, None)
             self.engine.abort(inc.attempt_id)
 
     def _fall_back(self, inc: Incoming, reason: str) -> None:
         if self._receiver.close(inc):
-            self._fall_back_closed(inc, reason)
+            self._fall_back_closed(inc.attempt_id, reason)
 
-    def _fall_back_closed(self, inc: Incoming, reason: str) -> None:
+    def _fall_back_closed(self, attempt_id: str, reason: str) -> None:
         self.num_fallbacks += 1
-        logger.warning(
-            "attempt %s: KV transfer failed (%s); prefilling here", inc.attempt_id, reason
-        )
-        self._requests[inc.attempt_id].prefilled_by = ""
-        self.engine.fall_back(inc.attempt_id)
+        logger.warning("attempt %s: KV transfer failed (%s); prefilling here", attempt_id, reason)
+        self._forget_parts(attempt_id)
+        self._requests[attempt_id].prefilled_by = ""
+        self.engine.fall_back(attempt_id)
 
     def _fail(self, attempt_ids: list[str], error: str) -> None:
         for aid in attempt_ids:
@@ -273,19 +450,31 @@ class DecodeService:
             outputs = self.engine.step()
         except Exception as e:  # the loop must outlive a bad step, or every request hangs
             logger.exception("decode step failed; ending the requests in it")
-            self._receiver.close_all()  # no late KV may land in the blocks freed next
-            self._fail(self.engine.abort_all(), f"decode step failed: {e}")
+            for receiver in (self._receiver, *self._extra.values()):
+                receiver.close_all()  # no late KV may land in the blocks freed next
+            aborted = self.engine.abort_all()
+            for aid in aborted:
+                self._forget_parts(aid)
+            self._fail(aborted, f"decode step failed: {e}")
             self._flush()
             return True
         self._emit(outputs)
         self._flush()
         return bool(outputs) or self.engine.stats().running > 0
 
-    def _status(self) -> WorkerStatus:
+    def _status(self, others: tuple[RankStatus, ...]) -> WorkerStatus:
+        rank = RankStatus(
+            0,
+            self._node,
+            self.engine.weight_bytes,
+            self.engine.kv_cache_bytes,
+            sum(r.bytes_received for r in (self._receiver, *self._extra.values())),
+        )
         return self.engine.stats().worker_status(
             self.worker_id,
             "decode",
+            (rank, *others),
             kv_blocks_received=self._receiver.blocks_received,
-            kv_bytes_received=self._receiver.bytes_received,
+            kv_bytes_received=sum(r.kv_bytes for r in (rank, *others)),
             transfer_fallbacks=self.num_fallbacks,
         )

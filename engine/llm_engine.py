@@ -19,7 +19,7 @@ import torch
 from pdserve.api.block_hash import model_salt
 from pdserve.api.errors import InvalidRequest, NotFound
 from pdserve.api.kv_events import BlockStored, KVEvent
-from pdserve.api.messages import TokenLogprobs, WorkerStatus
+from pdserve.api.messages import RankStatus, TokenLogprobs, WorkerStatus
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.kv_pool import (
@@ -30,7 +30,7 @@ from pdserve.engine.kv_pool import (
 )
 from pdserve.engine.model import CausalLM
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.parallel import SINGLE, TensorParallel
+from pdserve.engine.parallel import SINGLE, TPGroup
 from pdserve.engine.sampler import sample
 from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import Sequence
@@ -72,12 +72,16 @@ class EngineStats:
     prompt_tokens_cached: int
     preemptions: int
 
-    def worker_status(self, worker_id: str, role: str, **transfer: int) -> WorkerStatus:
-        """What a worker reports of itself: these numbers and its KV transfer counters."""
+    def worker_status(
+        self, worker_id: str, role: str, ranks: tuple[RankStatus, ...], **transfer: int
+    ) -> WorkerStatus:
+        """What a worker reports of itself: these numbers (rank 0's), its KV transfer counters,
+        and each of its tensor-parallel ranks."""
         return WorkerStatus(
             worker_id=worker_id,
             role=role,
-            tp=1,
+            tp=len(ranks),
+            ranks=ranks,
             running=self.running,
             waiting=self.waiting + self.reserved,
             free_blocks=self.free_blocks,
@@ -100,15 +104,19 @@ class LLMEngine:
     """Requests go in by id; `step()` advances them all. Another worker's KV comes in through
     `reserve` (blocks held for it), `block_ids` (where to write it) and `admit_prefilled`.
 
+    In a tensor-parallel worker every rank builds an engine over its shard; rank 0 steps it,
+    and the other ranks only `runner.follow()` rank 0's steps.
+
     NOTE: requests are validated once, at the edge (the router, or `LLM`); the engine checks
     only cheap invariants (ids in range with min/max, the length), never per token in Python.
     """
 
-    def __init__(self, config: EngineConfig, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE) -> None:
         self.config = config
         self.model_config = mc = ModelConfig.from_model_dir(config.model)
         self.dtype = resolve_dtype(config.dtype, mc)
         self.device = torch.device(config.device)
+        self.tp = tp
         self.model = CausalLM(mc, self.dtype, self.device, tp)
         self.model.load_weights(iter_weights(mc.path))
         kv_heads = self.model.num_kv_heads
@@ -228,6 +236,15 @@ class LLMEngine:
         for rid in ids:
             self.abort(rid)
         return ids
+
+    @property
+    def weight_bytes(self) -> int:
+        """This rank's share of the model's weights."""
+        return self.model.weight_bytes
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
 
     def has_unfinished(self) -> bool:
         return self._scheduler.has_work()

@@ -1,14 +1,15 @@
 """The Llama family (Llama, Qwen2, Mistral) over a paged KV cache.
 
-Projections are fused at load time (q/k/v into one matrix, gate/up into another) and sharded
-for tensor parallelism: column-parallel QKV and gate/up, row-parallel output and down
-projections followed by an all-reduce. Embeddings and the LM head are replicated.
+Projections are fused (q/k/v into one matrix, gate/up into another) and built from the
+tensor-parallel layers of `tp_layers.py`, which hold this rank's shard and communicate as their
+split needs; at TP size 1 they are plain layers. The KV cache holds this rank's KV heads.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,37 +18,73 @@ from torch import nn
 from pdserve.api.errors import ModelLoadError
 from pdserve.engine.attention import AttentionBatch, paged_attention
 from pdserve.engine.config import ModelConfig
-from pdserve.engine.parallel import SINGLE, TensorParallel
+from pdserve.engine.parallel import SINGLE, TPGroup
+from pdserve.engine.tp_layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    Part,
+    Replicated,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from pdserve.engine.weights import LazyTensor
 from pdserve.kernels import rms_norm, rope_cos_sin_cache, rotary_embedding
 
-_QKV_NAME = re.compile(r"self_attn\.([qkv])_proj\.(weight|bias)")
-
-
-def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+Loader = Callable[[LazyTensor], None]
+_QKV_BIAS = re.compile(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device) -> None:
         super().__init__()
-        h0, h1 = tp.shard(cfg.num_heads, "num_attention_heads")
-        kv0, kv1 = tp.shard(cfg.num_kv_heads, "num_key_value_heads")
-        i0, i1 = tp.shard(cfg.intermediate_size, "intermediate_size")
-        self.heads, self.kv_heads, self.head_dim = h1 - h0, kv1 - kv0, cfg.head_dim
-        self.intermediate = i1 - i0
-        self.q_size = self.heads * cfg.head_dim
-        self.kv_size = self.kv_heads * cfg.head_dim
+        d = cfg.head_dim
+        try:
+            heads = tp.shard(cfg.num_heads, "num_attention_heads")
+            kv_heads = tp.kv_heads(cfg.num_kv_heads)
+            inter = tp.shard(cfg.intermediate_size, "intermediate_size")
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from e
+        self.heads, self.kv_heads, self.head_dim = len(heads), len(kv_heads), d
+        self.q_size, self.kv_size = self.heads * d, self.kv_heads * d
         self.eps = cfg.rms_norm_eps
-        self.scale = cfg.head_dim**-0.5
-        self.tp = tp
+        self.scale = d**-0.5
+        q_rows = Part("q", cfg.num_heads * d, range(heads.start * d, heads.stop * d))
+        kv_rows = range(kv_heads.start * d, kv_heads.stop * d)
         kw = dict(dtype=dtype, device=device)
-        self.input_norm = _param(cfg.hidden_size, **kw)
-        self.post_attention_norm = _param(cfg.hidden_size, **kw)
-        self.qkv = _param(self.q_size + 2 * self.kv_size, cfg.hidden_size, **kw)
-        self.qkv_bias = _param(self.q_size + 2 * self.kv_size, **kw) if cfg.qkv_bias else None
-        self.o = _param(cfg.hidden_size, self.q_size, **kw)
-        self.gate_up = _param(2 * self.intermediate, cfg.hidden_size, **kw)
-        self.down = _param(cfg.hidden_size, self.intermediate, **kw)
+        self.input_norm = Replicated(cfg.hidden_size, **kw)
+        self.post_attention_norm = Replicated(cfg.hidden_size, **kw)
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size,
+            [
+                q_rows,
+                Part("k", cfg.num_kv_heads * d, kv_rows),
+                Part("v", cfg.num_kv_heads * d, kv_rows),
+            ],
+            cfg.qkv_bias,
+            **kw,
+        )
+        self.o = RowParallelLinear(cfg.hidden_size, q_rows, tp, **kw)
+        i = Part("gate", cfg.intermediate_size, inter)
+        self.gate_up = ColumnParallelLinear(
+            cfg.hidden_size, [i, Part("up", i.full, i.owned)], False, **kw
+        )
+        self.down = RowParallelLinear(cfg.hidden_size, i, tp, **kw)
+
+    def loaders(self, prefix: str, qkv_bias: bool) -> dict[str, Loader]:
+        """The checkpoint tensors of this layer, and where each goes."""
+        out: dict[str, Loader] = {
+            prefix + "input_layernorm.weight": self.input_norm.load,
+            prefix + "post_attention_layernorm.weight": self.post_attention_norm.load,
+            prefix + "self_attn.o_proj.weight": self.o.load,
+            prefix + "mlp.down_proj.weight": self.down.load,
+        }
+        for x in "qkv":
+            out[f"{prefix}self_attn.{x}_proj.weight"] = partial(self.qkv.load, x)
+            if qkv_bias:
+                out[f"{prefix}self_attn.{x}_proj.bias"] = partial(self.qkv.load, x, bias=True)
+        for x in ("gate", "up"):
+            out[f"{prefix}mlp.{x}_proj.weight"] = partial(self.gate_up.load, x)
+        return out
 
     def attention(
         self,
@@ -59,7 +96,7 @@ class DecoderLayer(nn.Module):
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        qkv = self.qkv(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = rotary_embedding(
             q.view(t, self.heads, self.head_dim),
@@ -69,11 +106,11 @@ class DecoderLayer(nn.Module):
         )
         v = v.view(t, self.kv_heads, self.head_dim)
         out = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
-        return self.tp.all_reduce(F.linear(out.reshape(t, self.q_size), self.o))
+        return self.o(out.reshape(t, self.q_size))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class CausalLM(nn.Module):
@@ -82,19 +119,18 @@ class CausalLM(nn.Module):
         cfg: ModelConfig,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
-        tp: TensorParallel = SINGLE,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
         self.cfg, self.tp = cfg, tp
         kw = dict(dtype=dtype, device=device)
-        self.embed = _param(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, **kw)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, tp, dtype, device) for _ in range(cfg.num_layers)
         )
-        self.norm = _param(cfg.hidden_size, **kw)
-        self.lm_head = (
-            self.embed if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, **kw)
-        )
+        self.norm = Replicated(cfg.hidden_size, **kw)
+        tied = self.embed if cfg.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, **kw, tied=tied)
         self.register_buffer(
             "cos_sin",
             rope_cos_sin_cache(
@@ -107,6 +143,11 @@ class CausalLM(nn.Module):
             ),
             persistent=False,
         )
+
+    @property
+    def weight_bytes(self) -> int:
+        """This rank's parameter memory (a tied LM head counted once)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
 
     @property
     def num_kv_heads(self) -> int:
@@ -126,132 +167,47 @@ class CausalLM(nn.Module):
         `on_layer_kv(i)` runs as soon as layer i's KV is in the cache, so a prefill worker
         can ship it while the next layers compute.
         """
-        h = F.embedding(input_ids, self.embed)
+        h = self.embed(input_ids)
         residual = None
         for i, layer in enumerate(self.layers):
             if residual is None:
-                residual, x = h, rms_norm(h, layer.input_norm, layer.eps)
+                residual, x = h, rms_norm(h, layer.input_norm.weight, layer.eps)
             else:
-                x, residual = rms_norm(h, layer.input_norm, layer.eps, residual)
+                x, residual = rms_norm(h, layer.input_norm.weight, layer.eps, residual)
             h = layer.attention(x, positions, self.cos_sin, batch, kv_cache[i, 0], kv_cache[i, 1])
             if on_layer_kv is not None:
                 on_layer_kv(i)
-            x, residual = rms_norm(h, layer.post_attention_norm, layer.eps, residual)
+            x, residual = rms_norm(h, layer.post_attention_norm.weight, layer.eps, residual)
             h = layer.mlp(x)
-        out, _ = rms_norm(h, self.norm, self.cfg.rms_norm_eps, residual)
+        out, _ = rms_norm(h, self.norm.weight, self.cfg.rms_norm_eps, residual)
         return out
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """float32 logits on rank 0 (None on the other ranks, which take part in the gather)."""
+        return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies Hugging Face tensors into the fused, sharded parameters of this rank."""
-        cfg, d = self.cfg, self.cfg.head_dim
-        h0, h1 = self.tp.shard(cfg.num_heads, "num_attention_heads")
-        kv0, kv1 = self.tp.shard(cfg.num_kv_heads, "num_key_value_heads")
-        i0, i1 = self.tp.shard(cfg.intermediate_size, "intermediate_size")
-        loaded: set[str] = set()
-        for name, w in weights:
-            target = self._place(name, w, h0 * d, h1 * d, kv0 * d, kv1 * d, i0, i1)
-            if target is not None:
-                loaded.add(target)
-        expected = {"model.embed_tokens.weight", "model.norm.weight"}
-        if not cfg.tie_word_embeddings:
-            expected.add("lm_head.weight")
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
-            expected |= {
-                p + s
-                for s in (
-                    "input_layernorm.weight",
-                    "post_attention_layernorm.weight",
-                    "self_attn.q_proj.weight",
-                    "self_attn.k_proj.weight",
-                    "self_attn.v_proj.weight",
-                    "self_attn.o_proj.weight",
-                    "mlp.gate_proj.weight",
-                    "mlp.up_proj.weight",
-                    "mlp.down_proj.weight",
-                )
-            }
-            if cfg.qkv_bias:
-                expected |= {p + f"self_attn.{x}_proj.bias" for x in "qkv"}
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ModelLoadError(
-                f"checkpoint is missing tensor '{missing[0]}' ({len(missing)} missing)"
-            )
-
-    def _place(
-        self, name: str, w: torch.Tensor, q0: int, q1: int, k0: int, k1: int, i0: int, i1: int
-    ) -> str | None:
+    def load_weights(self, weights: Iterable[LazyTensor]) -> None:
+        """Reads this rank's shard of every Hugging Face tensor into the fused parameters."""
         cfg = self.cfg
-        if name == "model.embed_tokens.weight":
-            return self._copy(name, self.embed, w)
-        if name == "model.norm.weight":
-            return self._copy(name, self.norm, w)
-        if name == "lm_head.weight":
-            return None if cfg.tie_word_embeddings else self._copy(name, self.lm_head, w)
-        if not name.startswith("model.layers."):
-            return None
-        idx, _, rest = name[len("model.layers.") :].partition(".")
-        if not idx.isdigit() or int(idx) >= cfg.num_layers:
-            return None
-        layer: DecoderLayer = self.layers[int(idx)]
-        qs, kvs = layer.q_size, layer.kv_size
-        kvd = cfg.num_kv_heads * cfg.head_dim
-        qkv_slices = {
-            "q": (slice(0, qs), slice(q0, q1)),
-            "k": (slice(qs, qs + kvs), slice(k0, k1)),
-            "v": (slice(qs + kvs, qs + 2 * kvs), slice(k0, k1)),
+        loaders: dict[str, Loader] = {
+            "model.embed_tokens.weight": self.embed.load,
+            "model.norm.weight": self.norm.load,
         }
-        if rest in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            target = layer.input_norm if rest.startswith("input") else layer.post_attention_norm
-            return self._copy(name, target, w)
-        m = _QKV_NAME.fullmatch(rest)
-        if m:
-            which, kind = m.groups()
-            dst, src = qkv_slices[which]
-            full = cfg.num_heads * cfg.head_dim if which == "q" else kvd
-            target = layer.qkv if kind == "weight" else layer.qkv_bias
-            if target is None:
-                raise ModelLoadError(f"tensor '{name}' is present but the config has no qkv bias")
-            return self._copy(name, target[dst], w, rows=(src, full))
-        if rest == "self_attn.o_proj.weight":
-            return self._copy(name, layer.o, w, cols=(slice(q0, q1), cfg.num_heads * cfg.head_dim))
-        if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-            n = layer.intermediate
-            dst = slice(0, n) if "gate" in rest else slice(n, 2 * n)
-            return self._copy(
-                name, layer.gate_up[dst], w, rows=(slice(i0, i1), cfg.intermediate_size)
-            )
-        if rest == "mlp.down_proj.weight":
-            return self._copy(name, layer.down, w, cols=(slice(i0, i1), cfg.intermediate_size))
-        return None
-
-    @staticmethod
-    def _copy(
-        name: str,
-        dst: torch.Tensor,
-        w: torch.Tensor,
-        rows: tuple[slice, int] | None = None,
-        cols: tuple[slice, int] | None = None,
-    ) -> str:
-        """Copies `w` (optionally this rank's rows or columns of it) into `dst`, checking shapes."""
-        if rows is not None:
-            if w.shape[0] != rows[1]:
-                raise ModelLoadError(f"tensor '{name}' has {w.shape[0]} rows, expected {rows[1]}")
-            w = w[rows[0]]
-        if cols is not None:
-            if w.shape[-1] != cols[1]:
-                raise ModelLoadError(
-                    f"tensor '{name}' has {w.shape[-1]} columns, expected {cols[1]}"
-                )
-            w = w[:, cols[0]]
-        if tuple(w.shape) != tuple(dst.shape):
-            raise ModelLoadError(
-                f"tensor '{name}' has shape {tuple(w.shape)}, expected {tuple(dst.shape)}"
-            )
-        with torch.no_grad():
-            dst.copy_(w)
-        return name
+        if not cfg.tie_word_embeddings:
+            loaders["lm_head.weight"] = self.lm_head.load
+        for i, layer in enumerate(self.layers):
+            loaders |= layer.loaders(f"model.layers.{i}.", cfg.qkv_bias)
+        missing = set(loaders)
+        for src in weights:
+            load = loaders.get(src.name)
+            if load is None:
+                if _QKV_BIAS.fullmatch(src.name):
+                    raise ModelLoadError(
+                        f"tensor '{src.name}' is present but the config has no qkv bias"
+                    )
+                continue  # tensors the Llama family does not use (rotary caches, ...)
+            load(src)
+            missing.discard(src.name)
+        if missing:
+            first = sorted(missing)[0]
+            raise ModelLoadError(f"checkpoint is missing tensor '{first}' ({len(missing)} missing)")

@@ -1,4 +1,7 @@
-"""Builds one step's input tensors from the scheduled sequences and runs the model once."""
+"""Builds one step's input tensors from the scheduled sequences and runs the model once.
+
+In a tensor-parallel worker rank 0 builds them and hands them to the other ranks, which
+`follow()` each step with their shard."""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ import torch
 
 from pdserve.engine.attention import AttentionBatch
 from pdserve.engine.model import CausalLM
+from pdserve.engine.parallel import TPGroup
 from pdserve.engine.scheduler import ScheduledSeq
+from pdserve.engine.step_broadcast import StepInputs, recv, send_step
 
 
 class ModelRunner:
@@ -17,6 +22,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
+        self.tp: TPGroup = model.tp
 
     @torch.inference_mode()
     def run(
@@ -24,7 +30,25 @@ class ModelRunner:
     ) -> torch.Tensor:
         """One forward call over the whole ragged batch (decode sequences first); returns the
         float32 logits of the sequences that sample this step, in scheduled order."""
-        input_ids, positions, batch, sample_idx = self.prepare(scheduled)
+        inputs = self.prepare(scheduled)
+        if self.tp.size > 1:
+            send_step(self.tp, inputs)
+        return self._forward(inputs, on_layer_kv)
+
+    @torch.inference_mode()
+    def follow(self, on_orders: Callable[[bytes], None] | None = None) -> None:
+        """On a rank other than 0: waits for rank 0's next step and runs this rank's shard,
+        or for its next KV transfer orders and hands them to `on_orders`."""
+        got = recv(self.tp, self.device)
+        if isinstance(got, bytes):
+            on_orders(got)
+        else:
+            self._forward(got, None)
+
+    def _forward(
+        self, inputs: StepInputs, on_layer_kv: Callable[[int], None] | None
+    ) -> torch.Tensor | None:
+        input_ids, positions, batch, sample_idx = inputs
         hidden = self.model(input_ids, positions, batch, self.kv_cache, on_layer_kv)
         return self.model.compute_logits(hidden[sample_idx])
 

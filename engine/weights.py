@@ -35,13 +35,31 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor) for every tensor in the checkpoint, one file at a time."""
+class LazyTensor:
+    """A checkpoint tensor that reads from disk only the rows and columns asked of it, so a
+    tensor-parallel rank reads only its shard. Valid while `iter_weights` is on its file."""
+
+    def __init__(self, name: str, source) -> None:
+        self.name = name
+        self._source = source  # a safetensors slice
+        self.shape = tuple(source.get_shape())
+
+    def read(self, rows: range | None = None, cols: range | None = None) -> torch.Tensor:
+        r = slice(None) if rows is None else slice(rows.start, rows.stop)
+        c = slice(None) if cols is None else slice(cols.start, cols.stop)
+        try:
+            return self._source[r] if len(self.shape) == 1 else self._source[r, c]
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ModelLoadError(f"tensor '{self.name}': cannot read it ({e})") from e
+
+
+def iter_weights(model_dir: Path) -> Iterator[LazyTensor]:
+    """Yields every tensor in the checkpoint, unread, one file at a time."""
     for path in checkpoint_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield LazyTensor(name, f.get_slice(name))
         except Exception as e:  # safetensors raises its own error types for corrupt files
             if isinstance(e, ModelLoadError):
                 raise

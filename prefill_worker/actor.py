@@ -7,7 +7,7 @@ where this shell sets the process-wide torch thread count.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import ray
 from ray.actor import ActorHandle
@@ -18,6 +18,9 @@ from pdserve.engine.config import EngineConfig
 
 
 class PrefillWorker:
+    """Rank 0 of a prefill worker; `ranks` are the handles of its other tensor-parallel ranks
+    (`rank.py`)."""
+
     def __init__(
         self,
         worker_id: str,
@@ -25,6 +28,7 @@ class PrefillWorker:
         transfer_timeout_s: float,
         threads: int,
         cluster_secret: bytes,
+        ranks: Sequence[ActorHandle] = (),
     ) -> None:
         import torch
 
@@ -32,9 +36,15 @@ class PrefillWorker:
 
         torch.set_num_threads(threads)
         self._handles: dict[str, ActorHandle] = {}
-        host = ray.util.get_node_ip_address()
         self._svc = PrefillService(
-            worker_id, engine_config, host, cluster_secret, transfer_timeout_s, self._decode
+            worker_id,
+            engine_config,
+            ray.util.get_node_ip_address(),
+            cluster_secret,
+            transfer_timeout_s,
+            self._decode,
+            ray.get_runtime_context().get_node_id(),
+            ranks,
         )
         self._started = False
 

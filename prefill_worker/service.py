@@ -16,17 +16,18 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from pdserve.api.errors import PdserveError, TransferFailed
-from pdserve.api.messages import PrefillRequest, PrefillResult, WorkerStatus
+from pdserve.api.messages import PrefillRequest, PrefillResult, RankStatus, WorkerStatus
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_thread import EngineThread
 from pdserve.engine.event_publisher import EventPublisher
 from pdserve.engine.kv_transfer.sender import KVSender, Outgoing
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.parallel import TPGroup, lead
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,14 @@ class PrefillService:
         secret: bytes,
         transfer_timeout_s: float,
         decode_handle: Callable[[str], Any],
+        node: str = "",
+        ranks: Sequence[Any] = (),
     ) -> None:
         self.worker_id = worker_id
-        self.engine = LLMEngine(config)
+        self._node, self._host, self._timeout_s = node, host, transfer_timeout_s
+        self._ranks = list(ranks)
+        self.tp = TPGroup(0, 1 + len(ranks))
+        self.engine = LLMEngine(config, self.tp)
         self._core = EngineThread(f"engine-{worker_id}", self._step)
         self._decode_handle = decode_handle
         self._sender = KVSender(
@@ -54,17 +60,21 @@ class PrefillService:
             host,
             secret,
             self.engine.kv_cache,
+            self.engine.model_config.num_kv_heads,
+            self.engine.tp,
             config.block_size,
             self.engine.block_ids,
             decode_handle,
             transfer_timeout_s,
             post=self._core.post,
+            ranks=ranks,
         )
         self._events = EventPublisher(worker_id, self.engine)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._results: dict[str, asyncio.Future[PrefillResult]] = {}  # on the event loop
 
     async def start(self) -> None:
+        await lead(self.tp, self._ranks, self._host, self.engine.device, self._timeout_s)
         self._loop = asyncio.get_running_loop()
         self._events.attach(self._loop)
         self._core.start()
@@ -159,7 +169,8 @@ class PrefillService:
         return self._events.stream()
 
     async def status(self) -> WorkerStatus:
-        return await self._core.call(self._status)
+        others = await asyncio.gather(*(r.status.remote() for r in self._ranks))
+        return await self._core.call(self._status, tuple(others))
 
     def _answer(self, attempt_id: str, result: PrefillResult) -> None:
         """Answers a prefill call (on the event loop)."""
@@ -188,6 +199,12 @@ class PrefillService:
         return self._sender.abort(attempt_id) is not None or aborted
 
     def _step(self) -> bool:
+        try:
+            return self._step_once()
+        finally:
+            self._sender.publish()  # what the other ranks do with their KV heads
+
+    def _step_once(self) -> bool:
         if not self.engine.has_unfinished():
             self._events.publish(idle=True)
             return False
@@ -211,10 +228,18 @@ class PrefillService:
         self._events.publish()
         return bool(outputs) or self.engine.stats().running > 0
 
-    def _status(self) -> WorkerStatus:
+    def _status(self, others: tuple[RankStatus, ...]) -> WorkerStatus:
+        rank = RankStatus(
+            0,
+            self._node,
+            self.engine.weight_bytes,
+            self.engine.kv_cache_bytes,
+            self._sender.bytes_sent,
+        )
         return self.engine.stats().worker_status(
             self.worker_id,
             "prefill",
+            (rank, *others),
             kv_blocks_sent=self._sender.blocks_sent,
-            kv_bytes_sent=self._sender.bytes_sent,
+            kv_bytes_sent=sum(r.kv_bytes for r in (rank, *others)),
         )

@@ -193,7 +193,7 @@ class ClusterStatus(_message.Message):
     def __init__(self, model: _Optional[str] = ..., serving: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., inflight: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "role", "tp", "running", "waiting", "free_blocks", "total_blocks", "cached_blocks", "error", "requests_total", "prompt_tokens_computed", "prompt_tokens_cached", "kv_blocks_received", "kv_blocks_sent", "state")
+    __slots__ = ("id", "role", "tp", "running", "waiting", "free_blocks", "total_blocks", "cached_blocks", "error", "requests_total", "prompt_tokens_computed", "prompt_tokens_cached", "kv_blocks_received", "kv_blocks_sent", "ranks", "state")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,7 @@ class WorkerInfo(_message.Message):
     PROMPT_TOKENS_CACHED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
@@ -223,5 +224,20 @@ class WorkerInfo(_message.Message):
     prompt_tokens_cached: int
     kv_blocks_received: int
     kv_blocks_sent: int
+    ranks: _containers.RepeatedCompositeFieldContainer[RankInfo]
     state: str
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., error: _Optional[str] = ..., requests_total: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., kv_blocks_received: _Optional[int] = ..., kv_blocks_sent: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., error: _Optional[str] = ..., requests_total: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., kv_blocks_received: _Optional[int] = ..., kv_blocks_sent: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankInfo, _Mapping]]] = ..., state: _Optional[str] = ...) -> None: ...
+
+class RankInfo(_message.Message):
+    __slots__ = ("rank", "node", "weight_bytes", "kv_cache_bytes", "kv_bytes")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    node: str
+    weight_bytes: int
+    kv_cache_bytes: int
+    kv_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., node: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...

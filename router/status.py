@@ -87,4 +87,14 @@ def _info(answer: WorkerAnswer) -> pb.WorkerInfo:
     info.prompt_tokens_cached = status.prompt_tokens_cached
     info.kv_blocks_received = status.kv_blocks_received
     info.kv_blocks_sent = status.kv_blocks_sent
+    info.ranks.extend(
+        pb.RankInfo(
+            rank=r.rank,
+            node=r.node,
+            weight_bytes=r.weight_bytes,
+            kv_cache_bytes=r.kv_cache_bytes,
+            kv_bytes=r.kv_bytes,
+        )
+        for r in status.ranks
+    )
     return info

@@ -65,6 +65,12 @@ def tiny_qwen2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_mqa_dir(tmp_path_factory):
+    """One KV head for 4 query heads: at TP 2 both ranks hold (replicate) the KV head."""
+    return _make(tmp_path_factory, "tiny-mqa", num_kv_heads=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama3_rope_dir(tmp_path_factory):
     """The default tiny Llama with llama3 rope scaling (original context 256)."""
     return _make(tmp_path_factory, "tiny-llama3-rope", rope_scaling=LLAMA3_ROPE_SCALING)

@@ -53,3 +53,50 @@ def hf_greedy(hf_model, prompt: Sequence[int], max_tokens: int) -> list[int]:
             pad_token_id=0,
         )
     return out[0, len(prompt) :].tolist()
+
+
+def _tp_rank(rank, size, port, model_dir, batches, kwargs, results) -> None:
+    """One rank of an in-test tensor-parallel engine (a spawned process, real gloo)."""
+    from pdserve.engine.parallel import TPGroup
+
+    torch.set_num_threads(1)
+    tp = TPGroup(rank, size)
+    kwargs.setdefault("num_blocks", 256)
+    engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", **kwargs), tp)
+    tp.join("127.0.0.1", port, engine.device, 60)
+    if rank == 0:
+        outputs = [generate(engine, prompts) for prompts in batches]
+        results.put((rank, engine.weight_bytes, engine.kv_cache_bytes, outputs))
+        return
+    results.put((rank, engine.weight_bytes, engine.kv_cache_bytes, None))
+    try:
+        while True:
+            engine.runner.follow()
+    except RuntimeError:  # rank 0 finished and left the group
+        return
+
+
+def tp_generate(model_dir, size: int, batches: list[list[list[int]]], **kwargs):
+    """Greedy outputs of each batch of prompts (run one after the other, so a later batch can
+    hit the prefix cache of an earlier one) through a `size`-rank engine; also each rank's
+    (weight bytes, KV cache bytes)."""
+    import multiprocessing as mp
+
+    from pdserve.engine.parallel import TPGroup
+
+    store = TPGroup.host_store("127.0.0.1", size, 60)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    args = (size, store.port, model_dir, batches, kwargs, results)
+    procs = [ctx.Process(target=_tp_rank, args=(r, *args)) for r in range(size)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted((results.get(timeout=300) for _ in range(size)), key=lambda r: r[0])
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    memory = [(w, kv) for _, w, kv, _ in got]
+    return got[0][3], memory

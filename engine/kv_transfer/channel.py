@@ -19,15 +19,14 @@ import datetime
 import hashlib
 import hmac
 import logging
-import os
 import secrets
-import socket
 import time
 
 import torch
 import torch.distributed as dist
 
 from pdserve.api.errors import TransferFailed
+from pdserve.engine.store import bound_store
 from pdserve.engine.kv_transfer.messages import (
     DTYPES,
     HEADER_LEN,
@@ -73,25 +72,8 @@ class KVChannel:
     def host_store(host: str, timeout_s: float) -> dist.TCPStore:
         """The decode side's rendezvous store, listening on `host` only; its `.port` is the
         address to hand out. It holds a fresh nonce for the joining side to prove the secret
-        against.
-
-        NOTE: a TCPStore given a host name still listens on every interface, so it is handed
-        a socket already bound to `host` (the store owns the descriptor from then on)."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        fd = socket.create_server((host, 0), family=family, backlog=16).detach()
-        try:
-            store = dist.TCPStore(
-                host,
-                0,
-                2,
-                True,
-                timeout=datetime.timedelta(seconds=timeout_s),
-                wait_for_workers=False,
-                master_listen_fd=fd,
-            )
-        except BaseException:
-            os.close(fd)
-            raise
+        against."""
+        store = bound_store(host, 2, timeout_s)
         store.set(_NONCE_KEY, secrets.token_bytes(16))
         return store
 

@@ -59,6 +59,7 @@ class Incoming:
 class _Channel:
     prefill_id: str
     epoch: int
+    heads: slice  # the local KV heads this channel's chunks carry
     kv: KVChannel | None = None
     expected: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -107,14 +108,15 @@ class KVReceiver:
     def get(self, attempt_id: str) -> Incoming | None:
         return self._by_attempt.get(attempt_id)
 
-    def open_channel(self, prefill_id: str) -> ChannelAddress:
-        """Hosts a new channel for `prefill_id` (replacing any old one) and returns where to
-        join it. The receiver thread starts serving once the prefill side has joined."""
+    def open_channel(self, prefill_id: str, heads: slice = slice(None)) -> ChannelAddress:
+        """Hosts a new channel for `prefill_id` (replacing any old one), whose chunks carry the
+        local KV heads `heads`, and returns where to join it. The receiver thread starts
+        serving once the prefill side has joined."""
         old = self._channels.pop(prefill_id, None)
         if old is not None:
             self._close_channel(old, "replaced by a new channel")
         store = KVChannel.host_store(self.host, self._timeout_s)
-        chan = _Channel(prefill_id, next(self._epochs))
+        chan = _Channel(prefill_id, next(self._epochs), heads)
         self._channels[prefill_id] = chan
         threading.Thread(
             target=self._serve,
@@ -129,12 +131,20 @@ class KVReceiver:
         return chan is not None and chan.epoch == epoch and chan.alive
 
     def expect(
-        self, attempt_id: str, prefill_id: str, block_ids: list[int], num_tokens: int, held: int
+        self,
+        attempt_id: str,
+        prefill_id: str,
+        block_ids: list[int],
+        num_tokens: int,
+        held: int,
+        transfer_id: int | None = None,
     ) -> Incoming:
-        """Registers a transfer into `block_ids`, whose first `held` tokens are there already."""
+        """Registers a transfer into `block_ids`, whose first `held` tokens are there already.
+        The other ranks of a tensor-parallel decode worker take rank 0's `transfer_id`."""
         chan = self._channels[prefill_id]
         layers = [held] * self._kv_cache.shape[0]
-        inc = Incoming(next(self._transfer_ids), attempt_id, chan, block_ids, num_tokens, layers)
+        tid = next(self._transfer_ids) if transfer_id is None else transfer_id
+        inc = Incoming(tid, attempt_id, chan, block_ids, num_tokens, layers)
         self._by_attempt[attempt_id] = inc
         self._by_transfer[inc.transfer_id] = inc
         with chan.cond:
@@ -215,7 +225,7 @@ class KVReceiver:
                 chunk.token_start + n,
                 self._kv_cache.device,
             )
-            scatter_tokens(self._kv_cache, chunk.layer, slots, chunk.payload)
+            scatter_tokens(self._kv_cache, chunk.layer, slots, chunk.payload, inc.channel.heads)
             inc.record(chunk.layer, chunk.token_start, n)
             inc.last_landed = time.time()
             inc.bytes_landed += chunk.payload.numel() * chunk.payload.element_size()

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from pdserve.api.block_hash import blocks_for
 from pdserve.api.errors import NotFound, RemoteError, TransferFailed
 from pdserve.api.messages import ChannelAddress, PrefillRequest, ReserveReply
 from pdserve.engine.kv_transfer.channel import KVChannel
+from pdserve.engine.kv_transfer.links import Links
 from pdserve.engine.kv_transfer.messages import (
     KeepAlive,
     KVChunk,
@@ -38,17 +39,33 @@ from pdserve.engine.kv_transfer.messages import (
     TransferCancel,
     TransferDone,
 )
+from pdserve.engine.kv_transfer.orders import (
+    CloseChannels,
+    Drop,
+    Flush,
+    Gather,
+    Order,
+    Relay,
+    SendChunk,
+    encode_orders,
+)
+from pdserve.engine.kv_transfer.routes import kv_routes
 from pdserve.engine.kv_transfer.slots import gather_tokens, token_slots
 from pdserve.engine.llm_engine import StepOutput
+from pdserve.engine.parallel import TPGroup
 from pdserve.engine.scheduler import ScheduledSeq
+from pdserve.engine.step_broadcast import send_orders
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class _Channel:
+    """This rank's channels to one decode worker. `epoch` is that of the channel to the
+    decode worker's rank 0 (which its reservations check)."""
+
     decode_id: str
-    kv: KVChannel
+    kv: Links
     epoch: int
     fail_after_messages: int | None = None  # chaos hook: see `inject_fault`
     stall: bool = False
@@ -77,8 +94,13 @@ class Outgoing:
 
 class KVSender:
     """`decode_handle(worker_id)` returns the Ray handle of a decode worker (its leader rank);
-    `block_ids(attempt_id)` the blocks of a request in the local engine. Channels listen on
-    `host` and prove the cluster's `secret` to the decode side."""
+    `block_ids(attempt_id)` the blocks of a request in the local engine. `num_kv_heads` is the
+    model's (all ranks'): with `tp` (this worker's ranks) it says which heads go where.
+
+    In a tensor-parallel prefill worker this sender runs on rank 0 and `ranks` are the Ray
+    handles of the others: each joins its own channels, and every decision here that touches
+    KV or a channel is also an order (`orders.py`) that `publish()` hands to them. Channels
+    listen on `host` and prove the cluster's `secret` to the decode side."""
 
     def __init__(
         self,
@@ -86,16 +108,23 @@ class KVSender:
         host: str,
         secret: bytes,
         kv_cache: torch.Tensor,
+        num_kv_heads: int,
+        tp: TPGroup,
         block_size: int,
         block_ids: Callable[[str], list[int]],
         decode_handle: Callable[[str], Any],
         timeout_s: float,
         post: Callable[..., None],
+        ranks: Sequence[Any] = (),
     ) -> None:
         self.worker_id = worker_id
+        self._ranks = list(ranks)
+        self._orders: list[Order] | None = [] if ranks else None
         self._host = host
         self._secret = secret
         self._kv_cache = kv_cache
+        self._num_kv_heads = num_kv_heads
+        self._tp = tp
         self._block_size = block_size
         self._block_ids = block_ids
         self._decode_handle = decode_handle
@@ -123,6 +152,18 @@ class KVSender:
     def forget(self, t: Outgoing) -> None:
         if self._transfers.get(t.request.attempt_id) is t:
             del self._transfers[t.request.attempt_id]
+            self._order(Drop(t.request.attempt_id))
+
+    def publish(self) -> None:
+        """Hands the orders made since the last call to the other ranks (on the engine thread,
+        after a step: before the next one can reuse a block they read)."""
+        if self._orders:
+            send_orders(self._tp, encode_orders(self._orders), self._kv_cache.device)
+            self._orders = []
+
+    def _order(self, order: Order) -> None:
+        if self._orders is not None:
+            self._orders.append(order)
 
     async def connect(self, decode_id: str) -> None:
         """Opens the channel to a decode worker ahead of its first request."""
@@ -140,7 +181,7 @@ class KVSender:
             if not reply.stale_channel:
                 break
             self._unlink(chan)
-            self._post(chan.kv.close)
+            self._post(self._close_channel, chan)
         else:
             raise TransferFailed(f"no usable KV channel to {req.decode_worker}")
         if reply.error_code:
@@ -185,6 +226,9 @@ class KVSender:
             chunk = KVChunk(
                 t.transfer_id, layer, start, gather_tokens(self._kv_cache, layer, slots)
             )
+            if self._orders is not None:
+                flat = (slots[0] * self._block_size + slots[1]).tolist()
+                self._order(Gather(item.seq.request_id, layer, start, flat))
             if t.channel is None:
                 t.stash.append(chunk)
             else:
@@ -228,6 +272,7 @@ class KVSender:
             t.first_sent_at,
         )
         self._send(t, done)
+        self._order(Relay(t.channel.decode_id, t.channel.epoch, done))
         self._flush(t.channel)
 
     def cancel(self, t: Outgoing) -> None:
@@ -236,6 +281,7 @@ class KVSender:
         if t.channel is None or t.failed:
             return  # `reserve` cancels it once the reservation lands
         self._send(t, TransferCancel(t.transfer_id))
+        self._order(Relay(t.channel.decode_id, t.channel.epoch, TransferCancel(t.transfer_id)))
         self._flush(t.channel)
 
     def abort(self, attempt_id: str) -> Outgoing | None:
@@ -266,6 +312,8 @@ class KVSender:
             faulty = chan.fail_after_messages is not None  # an injected fault: no keep-alives
             if fresh or faulty or self._channels.get(chan.decode_id) is not chan:
                 continue
+            self._order(Relay(chan.decode_id, chan.epoch, KeepAlive()))
+            self._order(Flush(chan.decode_id, chan.epoch))
             try:
                 chan.kv.send(KeepAlive())
                 chan.kv.flush()
@@ -300,6 +348,19 @@ class KVSender:
         if t.first_sent_at is None:
             t.first_sent_at = time.time()
         self._send(t, KVChunk(t.transfer_id, chunk.layer, start, chunk.payload[skip:]))
+        c = t.channel
+        self._order(
+            SendChunk(
+                t.request.attempt_id,
+                c.decode_id,
+                c.epoch,
+                t.transfer_id,
+                chunk.layer,
+                chunk.token_start,
+                start,
+                n - skip,
+            )
+        )
 
     def _send(self, t: Outgoing, msg: Message) -> None:
         chan = t.channel
@@ -315,6 +376,7 @@ class KVSender:
             self._channel_failed(chan, e)
 
     def _flush(self, chan: _Channel) -> None:
+        self._order(Flush(chan.decode_id, chan.epoch))
         try:
             chan.kv.flush()
         except TransferFailed as e:
@@ -335,10 +397,17 @@ class KVSender:
                 self._opening.pop(decode_id, None)
 
     async def _open(self, decode_id: str) -> _Channel:
-        addr: ChannelAddress = await self._decode_handle(decode_id).open_channel.remote(
-            self.worker_id
-        )
-        device = self._kv_cache.device
+        """Joins the channels that the decode worker's ranks host for this worker's ranks
+        (one per route; this rank joins its own, the other ranks theirs)."""
+        hosted: tuple[tuple[int, int, ChannelAddress], ...] = await self._decode_handle(
+            decode_id
+        ).open_channel.remote(self.worker_id, self._tp.size)
+        decode_tp = len({d for _, d, _ in hosted})
+        routes = kv_routes(self._num_kv_heads, self._tp.size, decode_tp)
+        addrs = {(p, d): a for p, d, a in hosted}
+        mine = [r for r in routes if r.prefill_rank == self._tp.rank]
+        device, timeout = self._kv_cache.device, self._timeout_s
+        epoch = addrs[0, 0].epoch
         secret = self._secret
         stall = self._handshake_faults.pop(decode_id, None)
         if stall:
@@ -346,26 +415,39 @@ class KVSender:
             raise TransferFailed(f"the handshake with {decode_id} stalled (an injected fault)")
         if stall is not None:
             secret = b"not the cluster's secret"
-        try:
-            kv = await asyncio.to_thread(
-                KVChannel.connect,
-                addr.host,
-                addr.port,
-                self._host,
-                device,
-                self._timeout_s,
-                secret,
+        others = [
+            handle.join_channels.remote(
+                decode_id,
+                epoch,
+                [(r, addrs[r.prefill_rank, r.decode_rank]) for r in routes if r.prefill_rank == i],
             )
-        except Exception as e:  # the store or the group could not be reached
-            raise TransferFailed(f"cannot join the KV channel of {decode_id}: {e}") from e
-        chan = _Channel(decode_id, kv, addr.epoch)
+            for i, handle in enumerate(self._ranks, start=1)
+        ]
+        joined = await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    KVChannel.connect, a.host, a.port, self._host, device, timeout, secret
+                )
+                for a in (addrs[r.prefill_rank, r.decode_rank] for r in mine)
+            ),
+            *others,
+            return_exceptions=True,
+        )
+        kvs = [j for j in joined[: len(mine)] if isinstance(j, KVChannel)]
+        failed = [j for j in joined if isinstance(j, BaseException)]
+        if failed:  # a store or a group could not be reached
+            for kv in kvs:
+                kv.close()
+            self._post(self._order, CloseChannels(decode_id, epoch))  # the other ranks' joins
+            raise TransferFailed(f"cannot join the KV channel of {decode_id}: {failed[0]}")
+        chan = _Channel(decode_id, Links(list(zip(mine, kvs))), epoch)
         with self._channels_lock:
             old = self._channels.get(decode_id)
             self._channels[decode_id] = chan
         if old is not None:
             self._unlink(old)
-            self._post(old.kv.close)
-        logger.info("KV channel to %s open (epoch %d)", decode_id, addr.epoch)
+            self._post(self._close_channel, old)
+        logger.info("KV channel to %s open (epoch %d)", decode_id, chan.epoch)
         return chan
 
     def _unlink(self, chan: _Channel) -> None:
@@ -388,4 +470,9 @@ class KVSender:
         self._unlink(chan)
         # NOTE: closing makes a receiver blocked on the channel fail at once rather than at its
         # timeout. On the engine thread: no send of this worker can be under way.
+        self._close_channel(chan)
+
+    def _close_channel(self, chan: _Channel) -> None:
+        """On the engine thread."""
         chan.kv.close()
+        self._order(CloseChannels(chan.decode_id, chan.epoch))

@@ -28,6 +28,8 @@ def scatter_tokens(
     layer: int,
     slots: tuple[torch.Tensor, torch.Tensor],
     payload: torch.Tensor,
+    heads: slice = slice(None),
 ) -> None:
+    """Writes `payload` (`[n, 2, h, D]`) into the local KV heads `heads` of the slots."""
     blocks, offsets = slots
-    kv_cache[layer][:, blocks, :, offsets] = payload
+    kv_cache[layer][:, blocks, heads, offsets] = payload

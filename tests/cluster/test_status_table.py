@@ -46,3 +46,21 @@ def test_the_status_table_shows_every_counter_under_its_header():
     for name in cells:
         assert name in header
     assert "10/512" in row and lost.endswith("error: gone")
+
+
+def test_the_status_table_shows_each_ranks_node_and_memory_under_its_worker():
+    mib = 2**20
+    ranks = [
+        pb.RankInfo(rank=r, node=f"node{r}", weight_bytes=13 * mib, kv_cache_bytes=8 * mib)
+        for r in range(2)
+    ]
+    ranks[1].kv_bytes = 3 * mib
+    decode = pb.WorkerInfo(id="decode-0", role="decode", tp=2, ranks=ranks)
+    _, worker, rank0, rank1 = format_workers([decode]).split("\n")
+    assert worker.split()[:3] == ["decode-0", "decode", "2"]
+    assert (
+        rank0.split()
+        == "rank 0 node node0 weights 13.0 MiB kv cache 8.0 MiB kv recv 0.0 MiB".split()
+    )
+    assert rank1.split()[:4] == ["rank", "1", "node", "node1"]
+    assert rank1.endswith("kv recv 3.0 MiB")

@@ -174,11 +174,13 @@ def test_decode_max_num_seqs_bounds_transferred_requests(tiny_llama_dir):
 class _UnreachableDecode(DecodeService):
     """A decode worker whose channel address nobody serves (its store died)."""
 
-    async def open_channel(self, prefill_id: str) -> ChannelAddress:
+    async def open_channel(
+        self, prefill_id: str, prefill_tp: int
+    ) -> tuple[tuple[int, int, ChannelAddress], ...]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        return ChannelAddress("127.0.0.1", port, 1)
+        return ((0, 0, ChannelAddress("127.0.0.1", port, 1)),)
 
 
 def test_no_channel_is_reported_and_the_decode_worker_prefills_the_request(tiny_llama_dir):
