@@ -18,7 +18,7 @@ from pdserve.api.errors import ModelLoadError
 from pdserve.engine.attention import AttentionBatch, paged_attention
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.parallel import SINGLE, TensorParallel
-from pdserve.kernels import rms_norm, rope_cos_sin_cache, rotary_embedding
+from pdserve.kernels import linear, rms_norm, rope_cos_sin_cache, rotary_embedding
 
 _QKV_NAME = re.compile(r"self_attn\.([qkv])_proj\.(weight|bias)")
 
@@ -59,7 +59,7 @@ class DecoderLayer(nn.Module):
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        qkv = linear(x, self.qkv, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = rotary_embedding(
             q.view(t, self.heads, self.head_dim),
@@ -69,11 +69,11 @@ class DecoderLayer(nn.Module):
         )
         v = v.view(t, self.kv_heads, self.head_dim)
         out = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
-        return self.tp.all_reduce(F.linear(out.reshape(t, self.q_size), self.o))
+        return self.tp.all_reduce(linear(out.reshape(t, self.q_size), self.o))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down))
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+        return self.tp.all_reduce(linear(F.silu(gate) * up, self.down))
 
 
 class CausalLM(nn.Module):
@@ -142,7 +142,7 @@ class CausalLM(nn.Module):
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies Hugging Face tensors into the fused, sharded parameters of this rank."""
