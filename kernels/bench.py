@@ -50,7 +50,7 @@ PEAK_BANDWIDTH = [
 ]
 
 
-def _peak_bandwidth(name: str) -> float | None:
+def peak_bandwidth(name: str) -> float | None:
     return next((peak for key, peak in PEAK_BANDWIDTH if key in name), None)
 
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     name = torch.cuda.get_device_name()
-    peak = _peak_bandwidth(name)
+    peak = peak_bandwidth(name)
     prefill = [bench_prefill(n) for n in PREFILL_LENGTHS]
     decode = []
     for context in DECODE_CONTEXTS:
