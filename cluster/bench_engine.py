@@ -110,10 +110,9 @@ def _run_hf(
     )
     compiled = device.startswith("cuda")
     if compiled:
-        # NOTE: a static cache gives fixed shapes, so the compiled forward (CUDA graphs via
-        # "reduce-overhead") is reused every decode step; the warm-up run pays the compile.
+        # NOTE: with a static cache on CUDA, `generate` compiles the decode forward itself
+        # (torch.compile, mode "reduce-overhead": CUDA graphs); the warm-up run pays for it.
         kwargs["cache_implementation"] = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     with torch.inference_mode():
         model.generate(ids, **(kwargs if compiled else {**kwargs, "max_new_tokens": 2}))
         _sync(torch.device(device))
