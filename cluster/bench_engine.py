@@ -114,7 +114,8 @@ def _run_hf(
         # (torch.compile, mode "reduce-overhead": CUDA graphs); the warm-up run pays for it.
         kwargs["cache_implementation"] = "static"
     with torch.inference_mode():
-        model.generate(ids, **(kwargs if compiled else {**kwargs, "max_new_tokens": 2}))
+        short = {**kwargs, "max_new_tokens": 2, "min_new_tokens": 2}
+        model.generate(ids, **(kwargs if compiled else short))
         _sync(torch.device(device))
         start = time.perf_counter()
         model.generate(ids, **kwargs)
