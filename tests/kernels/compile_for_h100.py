@@ -87,7 +87,7 @@ def cases():
         config |= {"BLOCK_G": max(16, group), "BLOCK_D": 128, "KV_BLOCK_SIZE": 16}
         config |= {"DOT_PRECISION": "tf32"}
         yield "decode", decode._decode_attention_kernel, "bf16", config
-        reduce_config = {"BLOCK_S": group, "BLOCK_D": 128}
+        reduce_config = {"BLOCK_S": group, "BLOCK_D": 128, "BLOCK_N": config["BLOCK_N"]}
         yield "decode_reduce", decode._decode_reduce_kernel, "bf16", reduce_config
     norm = _module("rms_norm")._rms_norm_kernel
     yield "rms_norm", norm, "bf16", {"HAS_RESIDUAL": True, "BLOCK": 8192, "num_warps": 8}
