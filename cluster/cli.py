@@ -383,9 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("bench-engine", "throughput of one in-process engine")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="model folder")
+    which.add_argument("--model", help="model folder (no default: this or --shape is required)")
     which.add_argument(
-        "--shape", choices=sorted(SHAPES), help="a random model of this shape, built on --device"
+        "--shape",
+        choices=sorted(SHAPES),
+        help="a random model of this shape, built on --device (no default: this or --model)",
     )
     p.add_argument("--batch", type=int, default=32, help="prompts in the batch")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
