@@ -20,6 +20,9 @@ class AttentionBatch:
     token's K/V is written to its slot before attention runs, so attention reads the cached
     prefix and the new tokens alike from the paged pool. With `dense` (CPU), decode tokens
     also go to the dense mirror, and decode attention reads the mirror instead of the pool.
+    `fresh_prefill_lens` (CPU) lists the prefill chunks' lengths when none has a cached
+    prefix: every key is then among this step's own tokens, and prefill attention reads
+    them from `k` and `v` instead of the pool.
     """
 
     slot_mapping: torch.Tensor
@@ -30,6 +33,7 @@ class AttentionBatch:
     prefill_cu_seqlens_q: torch.Tensor
     prefill_seq_lens: torch.Tensor
     dense: DenseView | None = None
+    fresh_prefill_lens: tuple[int, ...] | None = None
 
     @property
     def has_prefill(self) -> bool:
@@ -49,15 +53,18 @@ def paged_attention(
     nd = batch.num_decode
     if not batch.has_prefill:
         return _decode(q, k, v, k_cache, v_cache, batch, scale)
-    prefill_out = prefill_attention(
-        q[nd:],
-        k_cache,
-        v_cache,
-        batch.prefill_block_tables,
-        batch.prefill_cu_seqlens_q,
-        batch.prefill_seq_lens,
-        scale,
-    )
+    if batch.fresh_prefill_lens is not None:
+        prefill_out = _fresh_prefill(q[nd:], k[nd:], v[nd:], batch.fresh_prefill_lens, scale)
+    else:
+        prefill_out = prefill_attention(
+            q[nd:],
+            k_cache,
+            v_cache,
+            batch.prefill_block_tables,
+            batch.prefill_cu_seqlens_q,
+            batch.prefill_seq_lens,
+            scale,
+        )
     if nd == 0:
         return prefill_out
     decode_out = _decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, batch, scale)
@@ -107,3 +114,34 @@ def _dense_decode(
     )
     out = out.reshape(batch, num_heads, head_dim).to(q.dtype)
     return out if view.order is None else out.index_select(0, view.slots)
+
+
+def _fresh_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], scale: float
+) -> torch.Tensor:
+    """Causal attention of prompts with no cached prefix, over their own keys and values: one
+    SDPA call when the prompts are of one length, else one per prompt."""
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k.shape[1]
+
+    def heads_first(x: torch.Tensor, n: int, length: int, h: int) -> torch.Tensor:
+        return x.float().view(n, length, h, head_dim).transpose(1, 2)
+
+    def attend(start: int, n: int, length: int) -> torch.Tensor:
+        end = start + n * length
+        out = F.scaled_dot_product_attention(
+            heads_first(q[start:end], n, length, num_heads),
+            heads_first(k[start:end], n, length, num_kv_heads),
+            heads_first(v[start:end], n, length, num_kv_heads),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2).reshape(n * length, num_heads, head_dim).to(q.dtype)
+
+    if len(set(lengths)) == 1:
+        return attend(0, len(lengths), lengths[0])
+    starts = [0]
+    for length in lengths[:-1]:
+        starts.append(starts[-1] + length)
+    return torch.cat([attend(start, 1, length) for start, length in zip(starts, lengths)])

@@ -44,12 +44,13 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
-        # The dense mirror serves the torch reference path (CPU); the Triton decode kernel
-        # reads paged blocks in place.
+        # The dense mirror and fresh-prompt attention serve the torch path (CPU); the Triton
+        # kernels read paged blocks in place.
+        self._torch_path = not use_triton(kv_cache)
         self.dense = (
-            None
-            if use_triton(kv_cache)
-            else DenseKV(kv_cache, kv_cache.numel() * kv_cache.element_size())
+            DenseKV(kv_cache, kv_cache.numel() * kv_cache.element_size())
+            if self._torch_path
+            else None
         )
         self._staging = _PinnedStaging(self.device) if self.device.type == "cuda" else None
         self.graphs = (
@@ -132,6 +133,8 @@ class ModelRunner:
         }
         t = self._staging.upload(arrays) if self._staging else _from_numpy(arrays)
         dense = self.dense.plan(seqs[:nd]) if self.dense is not None else None
+        fresh = self._torch_path and nd < n and not starts[nd:].any()
+        fresh_lens = tuple(counts[nd:].tolist()) if fresh else None
         batch = AttentionBatch(
             slot_mapping=t["slot_mapping"],
             num_decode=nd,
@@ -141,6 +144,7 @@ class ModelRunner:
             prefill_cu_seqlens_q=t["prefill_cu_seqlens_q"],
             prefill_seq_lens=t["prefill_seq_lens"],
             dense=dense,
+            fresh_prefill_lens=fresh_lens,
         )
         return StepInputs(t["input_ids"], t["positions"], batch, t["sample_idx"])
 
