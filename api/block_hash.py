@@ -40,6 +40,11 @@ def block_hashes(
     return out
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """How many blocks hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
 def model_salt(model_dir: str | Path, dtype: str, block_size: int) -> int:
     """A per-model seed for the chain: KV of the same tokens differs between models and dtypes,
     so their blocks must never share a name. Read from the model's `config.json` bytes, so the

@@ -95,12 +95,14 @@ def build_request(
     continue_final_message: bool = False,
     skip_special_tokens: bool | None = None,
     clamp_max_tokens: bool | None = None,
+    priority: int | None = None,
     **sampling: Any,
 ) -> pb.GenerateRequest:
     """The `GenerateRequest` for a prompt; raises TypeError for an unknown sampling name.
     Unset settings take the server's defaults (greedy, 16 tokens); `clamp_max_tokens=True`
     shrinks max_tokens to what the context leaves instead of failing. `prefill_worker` and
-    `decode_worker` pin the request to those workers."""
+    `decode_worker` pin the request to those workers. `priority` orders requests that wait
+    for KV blocks (lower first; default 0)."""
     request = pb.GenerateRequest(request_id=request_id, resume_from=resume_from)
     request.placement.prefill_worker = prefill_worker
     request.placement.decode_worker = decode_worker
@@ -119,6 +121,8 @@ def build_request(
         request.skip_special_tokens = skip_special_tokens
     if clamp_max_tokens is not None:
         request.clamp_max_tokens = clamp_max_tokens
+    if priority is not None:
+        request.priority = priority
     for name, value in sampling.items():
         if name not in _SAMPLING_FIELDS:
             raise TypeError(f"unknown sampling setting {name!r}")

@@ -59,11 +59,13 @@ class Usage:
 @dataclass(frozen=True)
 class Timings:
     """Seconds a prefill worker spent on a request: waiting for its turn, computing the
-    prompt, and waiting for KV sends that the compute did not hide."""
+    prompt, and waiting for KV sends that the compute did not hide; and the bytes of KV that
+    reached the decode worker."""
 
     queue_s: float = 0.0
     prefill_s: float = 0.0
     transfer_s: float = 0.0
+    transfer_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,13 @@ class ReserveReply:
 
     `cached_tokens` leading tokens are already on the decode worker and are not sent.
     `stale_channel` means the prefill worker must rebuild its channel and ask again.
+    `queued_here` means the decode worker's blocks were busy: it queued the request to compute
+    it itself once they free, and wants no KV for it.
     """
 
     transfer_id: int = -1
     cached_tokens: int = 0
     stale_channel: bool = False
+    queued_here: bool = False
     error_code: str | None = None
     error: str | None = None

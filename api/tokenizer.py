@@ -8,6 +8,7 @@ class), and no truncation or padding from the file is applied.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -98,6 +99,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids the tokenizer can produce, added tokens included."""
         return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The length of the longest vocabulary entry: no token covers more characters of
+        text, so a text of n characters has at least n / max_token_chars tokens."""
+        return max(map(len, self._backend.get_vocab(with_added_tokens=True)), default=1)
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)

@@ -1,11 +1,12 @@
-"""`pdserve bench`: latency and throughput of a running cluster under Poisson arrivals.
+"""`pdserve bench`: the operator's load report of a running cluster.
 
-The workload is `num` random token-id prompts of `prompt_len` tokens, greedy, ignoring EOS so
-every request produces exactly `max_tokens` tokens. `--colocated` runs the same workload (same
-prompts, same arrival times) through one in-process engine, for comparison.
-
-TTFT is measured from a request's send to its first token; time per output token (TPOT) is
-(last token - first token) / (tokens - 1), per request.
+Requests of random token ids (greedy, EOS ignored, so each yields exactly its output length)
+arrive by a Poisson rate, at a fixed concurrency, or as a trace file says, through the gRPC
+port (`--server`) or the OpenAI-compatible HTTP door (`--openai-url`). The report
+(`bench_report`) gives TTFT, TPOT, ITL and end-to-end percentiles, throughput, goodput under
+`--ttft-ms`/`--tpot-ms`, prefix hit rate and KV transfer figures; `--sweep RATES` repeats the
+run at each rate; `--json` prints it all as one object; `--plot DIR` draws it (`bench_plot`).
+`--colocated` also runs the same requests through one in-process engine, for comparison.
 """
 
 from __future__ import annotations
@@ -17,224 +18,244 @@ import math
 import random
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import grpc
 
-from pdserve.api.client import AsyncClient
-from pdserve.api.sampling import SamplingParams
+from pdserve.cluster.bench_report import RequestRecord, Slo, format_report, summarize
+from pdserve.cluster.bench_targets import GrpcTarget, OpenAITarget, Target
+from pdserve.cluster.bench_workload import (
+    BenchRequest,
+    Lengths,
+    poisson_arrivals,
+    random_requests,
+    read_trace,
+)
+from pdserve.cluster.config import DEVICES, DTYPES
 
 
-@dataclass(frozen=True)
-class Workload:
-    prompts: list[list[int]]
-    arrivals: list[float]  # seconds after the start
-    params: SamplingParams
+class Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
 
+    def __init__(self, total: int, label: str) -> None:
+        self._total, self._label, self._done, self._failed = total, label, 0, 0
+        self._on = sys.stderr.isatty()
+        self._draw()
 
-@dataclass
-class RequestTimes:
-    sent: float
-    first: float | None = None
-    last: float | None = None
-    tokens: int = 0
-    failed: bool = False
+    def step(self, record: RequestRecord) -> None:
+        self._done += 1
+        self._failed += not record.ok
+        self._draw()
 
-
-def make_workload(
-    num: int, rate: float, prompt_len: int, max_tokens: int, vocab_size: int, seed: int = 0
-) -> Workload:
-    """Random prompts and Poisson arrival times (`rate` requests/s; inf sends all at once)."""
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(vocab_size) for _ in range(prompt_len)] for _ in range(num)]
-    arrivals, t = [], 0.0
-    for _ in range(num):
-        arrivals.append(t)
-        t += 0.0 if math.isinf(rate) else rng.expovariate(rate)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return Workload(prompts, arrivals, params)
-
-
-def summarize(times: Sequence[RequestTimes], elapsed: float) -> dict:
-    done = [t for t in times if not t.failed and t.first is not None]
-    ttft = [t.first - t.sent for t in done]
-    tpot = [(t.last - t.first) / (t.tokens - 1) for t in done if t.tokens > 1]
-    output_tokens = sum(t.tokens for t in done)
-    return {
-        "requests": len(times),
-        "failed": len(times) - len(done),
-        "elapsed_s": elapsed,
-        "output_tokens": output_tokens,
-        "output_tokens_per_s": output_tokens / elapsed if elapsed > 0 else 0.0,
-        "ttft_ms": percentiles(ttft),
-        "tpot_ms": percentiles(tpot),
-    }
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    """p50/p95/p99 in milliseconds, linearly interpolated between ranks (None without data)."""
-    out: dict[str, float | None] = {}
-    ordered = sorted(values)
-    for q in (50, 95, 99):
-        if not ordered:
-            out[f"p{q}"] = None
-            continue
-        pos = (len(ordered) - 1) * q / 100
-        low, high = math.floor(pos), math.ceil(pos)
-        value = ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-        out[f"p{q}"] = 1e3 * value
-    return out
-
-
-async def run_cluster(
-    server: str, workload: Workload, *, api_key: str | None = None, root_cert: str | None = None
-) -> dict:
-    async with AsyncClient(server, api_key=api_key, root_cert=root_cert) as client:
-        sampling = workload.params.to_dict()
-        await client.complete(workload.prompts[0][:8], **{**sampling, "max_tokens": 2})
-        start = time.monotonic()
-
-        async def one(prompt: list[int], arrival: float) -> RequestTimes:
-            await asyncio.sleep(max(0.0, start + arrival - time.monotonic()))
-            times = RequestTimes(sent=time.monotonic())
-            try:
-                async for delta in client.generate(prompt, **sampling):
-                    if delta.token_ids:
-                        times.last = time.monotonic()
-                        times.first = times.first or times.last
-                        times.tokens += len(delta.token_ids)
-            except grpc.RpcError:
-                times.failed = True
-            return times
-
-        times = await asyncio.gather(
-            *(one(p, a) for p, a in zip(workload.prompts, workload.arrivals))
+    def _draw(self) -> None:
+        if not self._on:
+            return
+        width = 30
+        full = width * self._done // max(self._total, 1)
+        bar = "#" * full + "." * (width - full)
+        end = "\n" if self._done == self._total else ""
+        failed = f", {self._failed} failed" if self._failed else ""
+        print(
+            f"\r{self._label} [{bar}] {self._done}/{self._total}{failed}",
+            end=end,
+            file=sys.stderr,
+            flush=True,
         )
-        return summarize(times, time.monotonic() - start)
 
 
-def run_colocated(model: str, workload: Workload, dtype: str, device: str, num_blocks: int) -> dict:
-    """Feeds the requests to one engine at their arrival times, stepping it in between."""
-    from pdserve.engine.config import EngineConfig
-    from pdserve.engine.llm_engine import LLMEngine
-
-    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, num_blocks=num_blocks))
-    engine.add_request("warmup", workload.prompts[0][:8], workload.params)
-    while engine.has_unfinished():
-        engine.step()
-    times: list[RequestTimes] = []
+async def run_requests(
+    target: Target, requests: Sequence[BenchRequest], concurrency: int | None, label: str
+) -> tuple[list[RequestRecord], float]:
+    """Sends each request at its arrival time (and with at most `concurrency` in flight);
+    returns the records in request order and the wall time."""
+    gate = asyncio.Semaphore(concurrency or len(requests) or 1)
+    progress = Progress(len(requests), label)
     start = time.monotonic()
-    while len(times) < len(workload.prompts) or engine.has_unfinished():
-        now = time.monotonic()
-        while len(times) < len(workload.prompts) and start + workload.arrivals[len(times)] <= now:
-            engine.add_request(str(len(times)), workload.prompts[len(times)], workload.params)
-            times.append(RequestTimes(sent=now))
-        if not engine.has_unfinished():
-            time.sleep(max(0.0, start + workload.arrivals[len(times)] - now))
-            continue
-        outputs = engine.step()
-        stepped = time.monotonic()
-        for out in outputs:
-            t = times[int(out.request_id)]
-            t.first = t.first or stepped
-            t.last = stepped
-            t.tokens += len(out.new_token_ids)
-    return summarize(times, time.monotonic() - start)
+
+    async def one(request: BenchRequest) -> RequestRecord:
+        await asyncio.sleep(max(0.0, start + request.arrival_s - time.monotonic()))
+        async with gate:
+            record = await target.send(request.prompt, request.max_tokens)
+        progress.step(record)
+        return record
+
+    records = await asyncio.gather(*(one(r) for r in requests))
+    return list(records), time.monotonic() - start
 
 
-def _vocab_and_context(args: argparse.Namespace) -> tuple[int, int]:
+def model_limits(args: argparse.Namespace) -> tuple[str, int, int]:
+    """(model name, vocab size, context) of the target (or of the --colocated model)."""
+    if args.openai_url:
+        request = urllib.request.Request(args.openai_url.rstrip("/") + "/v1/models")
+        if args.api_key:
+            request.add_header("Authorization", f"Bearer {args.api_key}")
+        context = None
+        if args.tls_root_cert:
+            import ssl
+
+            context = ssl.create_default_context(cafile=args.tls_root_cert)
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            model = json.loads(response.read())["data"][0]
+        return model["id"], model["vocab_size"], model["max_model_len"]
     if args.server:
         from pdserve.api.client import Client
 
         with Client(args.server, api_key=args.api_key, root_cert=args.tls_root_cert) as client:
             status = client.status(timeout=10)
-        return status.vocab_size, status.max_model_len
+        return status.model, status.vocab_size, status.max_model_len
     from pdserve.engine.config import ModelConfig
 
     config = ModelConfig.from_model_dir(args.model)
-    return config.vocab_size, config.max_position_embeddings
+    return args.model, config.vocab_size, config.max_position_embeddings
 
 
-def _print_summary(name: str, s: dict) -> None:
-    def ms(p: dict) -> str:
-        return "/".join("-" if p[k] is None else f"{p[k]:.1f}" for k in ("p50", "p95", "p99"))
+def make_target(args: argparse.Namespace, model: str) -> Target:
+    if args.openai_url:
+        return OpenAITarget(args.openai_url, model, args.api_key, args.tls_root_cert)
+    return GrpcTarget(args.server, args.api_key, args.tls_root_cert)
 
-    print(
-        f"{name:<10} {s['output_tokens_per_s']:8.1f} output tok/s   "
-        f"TTFT p50/p95/p99 {ms(s['ttft_ms'])} ms   TPOT p50/p95/p99 {ms(s['tpot_ms'])} ms   "
-        f"({s['requests']} requests, {s['failed']} failed, {s['elapsed_s']:.2f} s)"
-    )
+
+def workload(
+    args: argparse.Namespace, seed: int, rate: float, vocab_size: int, max_model_len: int
+) -> list[BenchRequest]:
+    rng = random.Random(seed)
+    if args.trace:
+        return read_trace(args.trace, vocab_size, rng, max_model_len)
+    prompt = Lengths(args.prompt_len, args.lengths, args.length_spread)
+    output = Lengths(args.max_tokens, args.lengths, args.length_spread)
+    arrivals = poisson_arrivals(args.num, rate, rng)
+    return random_requests(arrivals, prompt, output, vocab_size, rng, max_model_len)
+
+
+async def run_cluster(
+    args: argparse.Namespace, model: str, runs: list[tuple[float, list[BenchRequest]]]
+) -> list[tuple[float, list[RequestRecord], float]]:
+    """Each (rate, requests) run in turn against one target, after a warm-up request."""
+    target = make_target(args, model)
+    try:
+        await target.send(runs[0][1][0].prompt[:8], 2)
+        out = []
+        for rate, requests in runs:
+            label = f"rate {_rate_name(rate)}"
+            records, elapsed = await run_requests(target, requests, args.concurrency, label)
+            out.append((rate, records, elapsed))
+        return out
+    finally:
+        await target.close()
 
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.workload == "multi-turn":
         return _run_multiturn(args)
-    if not args.server and not args.colocated:
-        raise SystemExit("bench: give --server HOST:PORT, --colocated --model DIR, or both")
-    if args.colocated and not args.model:
-        raise SystemExit("bench: --colocated needs --model DIR")
-    limits = _checked_limits(args, ("rate", "num", "prompt_len", "max_tokens"))
-    if limits is None:
+    _check_args(args)
+    slo = Slo(args.ttft_ms, args.tpot_ms)
+    try:
+        model, vocab_size, max_model_len = model_limits(args)
+    except grpc.RpcError as e:
+        print(f"pdserve bench: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    vocab_size, max_model_len = limits
-    if args.prompt_len + args.max_tokens > max_model_len:
+    if not args.trace and args.prompt_len + args.max_tokens > max_model_len:
         raise SystemExit(
             f"bench: prompt-len + max-tokens must fit the context of {max_model_len} tokens"
         )
-    workload = make_workload(
-        args.num, args.rate, args.prompt_len, args.max_tokens, vocab_size, args.seed
-    )
+    rates = args.sweep or [args.rate]
+    # NOTE: each rate of a sweep gets prompts of its own, so no run hits the cache of another.
+    runs = [
+        (rate, workload(args, args.seed + i, rate, vocab_size, max_model_len))
+        for i, rate in enumerate(rates)
+    ]
     result: dict = {
-        "rate": "inf" if math.isinf(args.rate) else args.rate,
-        "num": args.num,
-        "prompt_len": args.prompt_len,
-        "max_tokens": args.max_tokens,
+        "target": "openai" if args.openai_url else "grpc",
+        "model": model,
+        "workload": _workload_settings(args),
+        "runs": [],
     }
-    if args.server:
-        result["cluster"] = asyncio.run(
-            run_cluster(args.server, workload, api_key=args.api_key, root_cert=args.tls_root_cert)
-        )
-        _print_summary("cluster", result["cluster"])
+    records_by_run: dict[str, list[RequestRecord]] = {}
+    if args.server or args.openai_url:
+        for rate, records, elapsed in asyncio.run(run_cluster(args, model, runs)):
+            name = f"rate {_rate_name(rate)}"
+            summary = {"rate": _rate_name(rate), **summarize(records, elapsed, slo)}
+            result["runs"].append(summary)
+            records_by_run[name] = records
+            print(format_report(name, summary))
     if args.colocated:
-        result["colocated"] = run_colocated(
-            args.model, workload, args.dtype, args.device, args.num_blocks
+        from pdserve.cluster.bench_colocated import run_colocated
+
+        records, elapsed = run_colocated(
+            args.model, runs[0][1], args.dtype, args.device, args.num_blocks
         )
-        _print_summary("colocated", result["colocated"])
+        result["colocated"] = {"rate": _rate_name(rates[0]), **summarize(records, elapsed, slo)}
+        records_by_run["colocated"] = records
+        print(format_report("colocated", result["colocated"]))
+    if args.plot:
+        from pdserve.cluster.bench_plot import plot_report
+
+        for path in plot_report(args.plot, records_by_run, result["runs"]):
+            print(f"wrote {path}")
     if args.json:
         print(json.dumps(result))
-    return (
-        0 if all(result[k]["failed"] == 0 for k in ("cluster", "colocated") if k in result) else 1
-    )
+    summaries = result["runs"] + ([result["colocated"]] if args.colocated else [])
+    return 0 if all(s["failed"] == 0 for s in summaries) else 1
 
 
-def _checked_limits(args: argparse.Namespace, positive: tuple[str, ...]) -> tuple[int, int] | None:
-    """Refuses a flag of `positive` that is not > 0; returns the model's (vocab size, context),
-    or None when the server could not say (the error is printed)."""
-    for name in positive:
+def _rate_name(rate: float) -> float | str:
+    return "inf" if math.isinf(rate) else rate
+
+
+def _workload_settings(args: argparse.Namespace) -> dict:
+    if args.trace:
+        return {"trace": args.trace, "concurrency": args.concurrency}
+    names = ("num", "prompt_len", "max_tokens", "lengths", "length_spread", "concurrency", "seed")
+    return {name: getattr(args, name) for name in names}
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.server and args.openai_url:
+        raise SystemExit("bench: give --server or --openai-url, not both")
+    if not (args.server or args.openai_url) and not args.colocated:
+        raise SystemExit("bench: give --server HOST:PORT, --openai-url URL, or --colocated --model")
+    if args.colocated and not args.model:
+        raise SystemExit("bench: --colocated needs --model DIR")
+    for name in ("num", "prompt_len", "max_tokens"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"bench: --{name.replace('_', '-')} must be > 0")
+    rates = args.sweep or [args.rate]
+    if not all(r > 0 for r in rates):
+        raise SystemExit("bench: rates must be > 0")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise SystemExit("bench: --concurrency must be >= 1")
     try:
-        return _vocab_and_context(args)
-    except grpc.RpcError as e:
-        print(f"pdserve bench: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
-        return None
+        Lengths(args.prompt_len, args.lengths, args.length_spread)
+    except ValueError as e:
+        raise SystemExit(f"bench: {e}") from None
+
+
+def parse_rates(text: str) -> list[float]:
+    try:
+        return [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("RATES is a comma-separated list of numbers") from None
 
 
 def _run_multiturn(args: argparse.Namespace) -> int:
     from pdserve.cluster.bench_multiturn import MultiTurn, print_multiturn, run_multiturn
 
-    if not args.server or args.colocated:
+    if not args.server or args.colocated or args.openai_url:
         raise SystemExit("bench: the multi-turn workload takes --server only")
-    names = ("conversations", "turns", "concurrency", "system_len", "user_len", "max_tokens")
-    limits = _checked_limits(args, names)
-    if limits is None:
+    names = ("conversations", "turns", "system_len", "user_len", "max_tokens")
+    for name in names:
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"bench: --{name.replace('_', '-')} must be > 0")
+    try:
+        _, vocab_size, max_model_len = model_limits(args)
+    except grpc.RpcError as e:
+        print(f"pdserve bench: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    vocab_size, max_model_len = limits
     workload = MultiTurn(
         args.conversations,
         args.turns,
-        args.concurrency,
+        args.concurrency or 8,
         args.system_len,
         args.user_len,
         args.max_tokens,
@@ -246,10 +267,92 @@ def _run_multiturn(args: argparse.Namespace) -> int:
             f"bench: the last turn needs {workload.context_len()} tokens; the context holds "
             f"{max_model_len}"
         )
+    slo = Slo(args.ttft_ms, args.tpot_ms)
     result = asyncio.run(
-        run_multiturn(args.server, workload, api_key=args.api_key, root_cert=args.tls_root_cert)
+        run_multiturn(
+            args.server, workload, slo, api_key=args.api_key, root_cert=args.tls_root_cert
+        )
     )
     print_multiturn(result)
     if args.json:
         print(json.dumps(result))
-    return 0
+    return 0 if result["failed"] == 0 else 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    door = p.add_argument_group("target (one of)")
+    door.add_argument("--server", help="HOST:PORT of a router's gRPC port (default: none)")
+    door.add_argument(
+        "--openai-url",
+        help="base URL of a router's OpenAI-compatible door, e.g. http://127.0.0.1:8000 "
+        "(default: none)",
+    )
+    arrivals = p.add_argument_group("arrivals")
+    arrivals.add_argument(
+        "--rate", type=float, default=float("inf"), help="Poisson requests/s (inf: all at once)"
+    )
+    arrivals.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="at most this many requests in flight (default: no bound; multi-turn: 8 chats)",
+    )
+    arrivals.add_argument(
+        "--trace",
+        help="JSONL of {timestamp (ms), input_length, output_length} per request, replacing "
+        "--rate, --num and the lengths (default: none)",
+    )
+    arrivals.add_argument(
+        "--sweep",
+        type=parse_rates,
+        default=None,
+        metavar="RATES",
+        help="comma-separated rates: one run per rate (default: one run at --rate)",
+    )
+    lengths = p.add_argument_group("requests")
+    lengths.add_argument("--num", type=int, default=64, help="number of requests")
+    lengths.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (mean)")
+    lengths.add_argument("--max-tokens", type=int, default=64, help="output tokens (mean)")
+    lengths.add_argument(
+        "--lengths",
+        choices=["fixed", "uniform", "lognormal"],
+        default="fixed",
+        help="distribution of prompt and output lengths",
+    )
+    lengths.add_argument(
+        "--length-spread",
+        type=float,
+        default=0.5,
+        help="uniform: +- this fraction of the mean; lognormal: sigma of the log",
+    )
+    lengths.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals")
+    report = p.add_argument_group("report")
+    report.add_argument("--ttft-ms", type=float, default=None, help="TTFT SLO (default: none)")
+    report.add_argument("--tpot-ms", type=float, default=None, help="TPOT SLO (default: none)")
+    report.add_argument(
+        "--json", action="store_true", help="print one JSON object on the last line"
+    )
+    report.add_argument(
+        "--plot", metavar="DIR", help="write PNG plots there (default: none; needs matplotlib)"
+    )
+    colocated = p.add_argument_group("colocated baseline")
+    colocated.add_argument(
+        "--colocated", action="store_true", help="also run one in-process engine"
+    )
+    colocated.add_argument("--model", help="model folder for --colocated (default: none)")
+    colocated.add_argument(
+        "--num-blocks", type=int, default=512, help="KV blocks of the --colocated engine"
+    )
+    colocated.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype of --colocated")
+    colocated.add_argument("--device", default="cpu", choices=DEVICES, help="device of --colocated")
+    multi = p.add_argument_group("multi-turn workload")
+    multi.add_argument(
+        "--workload",
+        choices=["single", "multi-turn"],
+        default="single",
+        help="single: independent prompts; multi-turn: conversations sharing a system prompt",
+    )
+    multi.add_argument("--conversations", type=int, default=32, help="multi-turn: conversations")
+    multi.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    multi.add_argument("--system-len", type=int, default=200, help="multi-turn: shared prefix")
+    multi.add_argument("--user-len", type=int, default=32, help="multi-turn: tokens per user turn")

@@ -3,11 +3,11 @@
 `conversations` chats of `turns` turns each, `concurrency` chats at a time. Every chat opens
 with the same `system_len`-token system prompt and a `user_len`-token user message; each later
 turn's prompt is the previous prompt, its completion and a new `user_len`-token message (token
-ids, greedy, `max_tokens` per turn, EOS ignored). Reported: the prefix hit rate of follow-up
-turns (cached / prompt tokens, from the final responses' usage), TTFT p50/p95 of first and
-follow-up turns, and how many turns each worker took (from the final responses' placement;
-"local" counts turns whose decode worker computed the prompt itself). Run it once per
-`router.policy` to compare policies.
+ids, greedy, `max_tokens` per turn, EOS ignored). Reported: the whole report of
+`bench_report` over all turns, and the prefix hit rate of follow-up turns (cached / prompt
+tokens, from the final responses' usage), TTFT p50/p95 of first and follow-up turns, and how
+many turns each worker took (from the final responses' placement; "local" counts turns whose
+decode worker computed the prompt itself). Run it once per `router.policy` to compare policies.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from pdserve.api.client import AsyncClient
-from pdserve.cluster.bench import percentiles
+from pdserve.cluster.bench_report import RequestRecord, Slo, format_report, stats, summarize
+from pdserve.cluster.bench_targets import GrpcTarget
+from pdserve.cluster.bench_workload import random_tokens
 
 
 @dataclass(frozen=True)
@@ -50,47 +51,49 @@ class Turn:
 
 
 async def run_multiturn(
-    server: str, w: MultiTurn, *, api_key: str | None = None, root_cert: str | None = None
+    server: str, w: MultiTurn, slo: Slo, *, api_key: str | None, root_cert: str | None
 ) -> dict:
     rng = random.Random(w.seed)
-    system = [rng.randrange(w.vocab_size) for _ in range(w.system_len)]
+    system = random_tokens(w.system_len, w.vocab_size, rng)
     users = [
-        [[rng.randrange(w.vocab_size) for _ in range(w.user_len)] for _ in range(w.turns)]
+        [random_tokens(w.user_len, w.vocab_size, rng) for _ in range(w.turns)]
         for _ in range(w.conversations)
     ]
-    sampling = {"max_tokens": w.max_tokens, "temperature": 0.0, "ignore_eos": True}
     gate = asyncio.Semaphore(w.concurrency)
-    async with AsyncClient(server, api_key=api_key, root_cert=root_cert) as client:
+    records: list[RequestRecord] = []
+    target = GrpcTarget(server, api_key, root_cert)
 
-        async def chat(c: int) -> list[Turn]:
-            turns, prompt = [], list(system)
-            async with gate:
-                for t in range(w.turns):
-                    prompt += users[c][t]
-                    sent = time.monotonic()
-                    first = None
-                    result = None
-                    async for delta in client.generate(prompt, **sampling):
-                        if delta.token_ids and first is None:
-                            first = time.monotonic()
-                        result = delta if delta.finish_reason else result
-                        prompt += delta.token_ids
-                    turns.append(
-                        Turn(
-                            c,
-                            t,
-                            (first or time.monotonic()) - sent,
-                            result.usage.prompt_tokens,
-                            result.usage.cached_prompt_tokens,
-                            result.placement.prefill_worker,
-                            result.placement.decode_worker,
-                        )
+    async def chat(c: int) -> list[Turn]:
+        turns, prompt = [], list(system)
+        async with gate:
+            for t in range(w.turns):
+                prompt += users[c][t]
+                record = await target.send(prompt, w.max_tokens)
+                records.append(record)
+                if not record.ok:
+                    break
+                prompt += record.output_ids
+                turns.append(
+                    Turn(
+                        c,
+                        t,
+                        record.ttft,
+                        record.prompt_tokens,
+                        record.cached_tokens,
+                        record.prefill_worker,
+                        record.decode_worker,
                     )
-            return turns
+                )
+        return turns
 
-        start = time.monotonic()
+    start = time.monotonic()
+    try:
         chats = await asyncio.gather(*(chat(c) for c in range(w.conversations)))
-        return summarize_multiturn([t for turns in chats for t in turns], time.monotonic() - start)
+    finally:
+        await target.close()
+    elapsed = time.monotonic() - start
+    turns = [t for turns in chats for t in turns]
+    return {**summarize(records, elapsed, slo), **summarize_multiturn(turns, elapsed)}
 
 
 def summarize_multiturn(turns: list[Turn], elapsed: float) -> dict:
@@ -100,8 +103,8 @@ def summarize_multiturn(turns: list[Turn], elapsed: float) -> dict:
         "turns": len(turns),
         "elapsed_s": elapsed,
         "follow_up_hit_rate": sum(t.cached_tokens for t in follow) / prompt if prompt else None,
-        "ttft_first_ms": percentiles([t.ttft_s for t in turns if t.turn == 0]),
-        "ttft_follow_up_ms": percentiles([t.ttft_s for t in follow]),
+        "ttft_first_ms": stats([t.ttft_s for t in turns if t.turn == 0]),
+        "ttft_follow_up_ms": stats([t.ttft_s for t in follow]),
         "decode_turns": dict(sorted(Counter(t.decode_worker for t in turns).items())),
         "prefill_turns": dict(sorted(Counter(t.prefill_worker or "local" for t in turns).items())),
         "first_turns_by_decode": dict(
@@ -111,6 +114,8 @@ def summarize_multiturn(turns: list[Turn], elapsed: float) -> dict:
 
 
 def print_multiturn(s: dict) -> None:
+    print(format_report("multi-turn", s))
+
     def ms(p: dict) -> str:
         return "/".join("-" if p[k] is None else f"{p[k]:.1f}" for k in ("p50", "p95"))
 

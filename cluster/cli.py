@@ -15,6 +15,7 @@ from pdserve.api.errors import PdserveError
 from pdserve.api.sampling import SamplingParams
 from pdserve.cluster.config import DEVICES, DTYPES, ClusterConfig
 from pdserve.cluster.model_shapes import SHAPES
+from pdserve.router.logs import install as install_request_logs
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_SAMPLING = SamplingParams()
@@ -165,10 +166,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.cluster.launcher import serve
 
     config = _cluster_config(args, print)
-    if args.listen:
-        config = dataclasses.replace(
-            config, router=dataclasses.replace(config.router, listen=args.listen)
-        )
+    doors = {"listen": args.listen, "openai_listen": args.openai_listen}
+    doors = {key: value for key, value in doors.items() if value}
+    if doors:
+        config = dataclasses.replace(config, router=dataclasses.replace(config.router, **doors))
     host = config.router.listen.rpartition(":")[0]
     print(
         f"pdserve: starting Ray and {config.prefill.workers} prefill + {config.decode.workers} "
@@ -176,8 +177,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
 
-    def ready(port: int) -> None:
+    def ready(port: int, http_port: int | None) -> None:
         print(f"pdserve: serving {config.model} on {host}:{port} (Ctrl-C stops)", flush=True)
+        if http_port is not None:
+            http_host = config.router.openai_listen or config.router.metrics_listen or ""
+            what = "OpenAI API and /metrics" if config.router.openai_listen else "/metrics"
+            print(f"pdserve: {what} on http://{http_host.rpartition(':')[0]}:{http_port}")
 
     try:
         serve(config, args.address, ready)
@@ -199,7 +204,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"pdserve status: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
     state = "serving" if status.serving else "NOT serving"
-    print(f"{args.server}: {state} {status.model}, {status.inflight} requests in flight")
+    print(
+        f"{args.server}: {state} {status.model}, {status.inflight} requests in flight "
+        f"({status.queued} waiting for KV blocks)"
+    )
     print(format_workers(status.workers))
     return 0 if status.serving else 1
 
@@ -333,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_flags(p)
     p.add_argument("--address", help="Ray address to join (default: start Ray locally)")
     p.add_argument("--listen", help="HOST:PORT to serve on (default: router.listen)")
+    p.add_argument(
+        "--openai-listen",
+        help="HOST:PORT of the OpenAI-compatible HTTP API and /metrics (default: "
+        "router.openai_listen, off when unset)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = command("status", "the workers of a running cluster; exit 0 when serving")
@@ -341,32 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(p)
     p.set_defaults(func=cmd_status)
 
-    p = command("bench", "TTFT, time per output token and throughput of a cluster")
-    p.add_argument("--server", help="HOST:PORT of a running router (default: none)")
-    p.add_argument("--rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
-    p.add_argument("--num", type=int, default=64, help="number of requests")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
-    p.add_argument("--max-tokens", type=int, default=64, help="output tokens")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
-    p.add_argument("--colocated", action="store_true", help="also run one in-process engine")
-    p.add_argument("--model", help="model folder for --colocated (default: none)")
-    p.add_argument(
-        "--num-blocks", type=int, default=512, help="KV blocks of the --colocated engine"
-    )
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype of --colocated")
-    p.add_argument("--device", default="cpu", choices=DEVICES, help="device of --colocated")
-    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-    p.add_argument(
-        "--workload",
-        choices=["single", "multi-turn"],
-        default="single",
-        help="single: independent prompts; multi-turn: conversations sharing a system prompt",
-    )
-    p.add_argument("--conversations", type=int, default=32, help="multi-turn: conversations")
-    p.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
-    p.add_argument("--concurrency", type=int, default=8, help="multi-turn: chats at a time")
-    p.add_argument("--system-len", type=int, default=200, help="multi-turn: shared prefix")
-    p.add_argument("--user-len", type=int, default=32, help="multi-turn: tokens per user turn")
+    p = command("bench", "load report of a cluster: latencies, throughput, goodput, plots")
+    from pdserve.cluster.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
     _add_connection_flags(p)
     p.set_defaults(func=cmd_bench)
 
@@ -429,7 +420,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level)
+    for handler in logging.getLogger().handlers:
+        install_request_logs(handler, "%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (PdserveError, ValueError, OSError) as e:

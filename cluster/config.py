@@ -62,8 +62,14 @@ class KVTransferConfig:
 @dataclass(frozen=True)
 class RouterConfig:
     listen: str = "127.0.0.1:50051"
+    # HOST:PORT of the HTTP door: the OpenAI-compatible API under /v1/ and /metrics (off when
+    # unset); same TLS and API keys as `listen`.
+    openai_listen: str | None = None
+    # HOST:PORT serving only /metrics, for a router without the OpenAI API.
+    metrics_listen: str | None = None
     policy: str = "cache_aware"
-    max_inflight: int = 1024  # beyond this, new requests get RESOURCE_EXHAUSTED
+    max_inflight: int = 1024  # requests from arrival to end; beyond this, RESOURCE_EXHAUSTED
+    max_queued: int = 1024  # requests waiting for KV blocks; beyond this, RESOURCE_EXHAUSTED
     cache_weight: float = 2.0  # cache_aware: an uncached prompt token costs this many in flight
     local_prefill_max_tokens: int = 256  # cache_aware: a shorter uncached tail stays on decode
     request_table_size: int = 10_000  # finished requests kept for resume_from
@@ -127,6 +133,7 @@ class ClusterConfig:
             self.router.policy in POLICIES, "router.policy", f"must be one of {', '.join(POLICIES)}"
         )
         _check(self.router.max_inflight >= 1, "router.max_inflight", "must be >= 1")
+        _check(self.router.max_queued >= 0, "router.max_queued", "must be >= 0")
         _check(self.router.cache_weight >= 0, "router.cache_weight", "must be >= 0")
         _check(
             self.router.local_prefill_max_tokens >= 0,
@@ -135,8 +142,16 @@ class ClusterConfig:
         )
         _check(self.router.request_table_size >= 1, "router.request_table_size", "must be >= 1")
         _check(self.router.request_table_ttl_s > 0, "router.request_table_ttl_s", "must be > 0")
-        host, sep, port = self.router.listen.rpartition(":")
-        _check(bool(sep and host and port.isdigit()), "router.listen", "must be HOST:PORT")
+        for key in ("listen", "openai_listen", "metrics_listen"):
+            value = getattr(self.router, key)
+            host, sep, port = (value or "").rpartition(":")
+            ok = value is None or bool(sep and host and port.isdigit())
+            _check(ok, f"router.{key}", "must be HOST:PORT")
+        _check(
+            self.router.openai_listen is None or self.router.metrics_listen is None,
+            "router.metrics_listen",
+            "/metrics is served on router.openai_listen already; set one of the two",
+        )
         _check_tls(self.router)
         if self.router.api_keys_file is not None:
             read_api_keys(self.router.api_keys_file)

@@ -52,7 +52,10 @@ def start_ray(config: ClusterConfig, address: str | None) -> None:
         return
     resources = needed_resources(config)
     check_resources(config, {**resources, "GPU": local_gpu_count()}, "this machine")
+    # NOTE: "local" starts a new instance; with no address Ray joins the cluster that `ray
+    # start` (or a test's `ray.cluster_utils.Cluster`) last left in /tmp/ray/ray_current_cluster.
     ray.init(
+        address="local",
         namespace=NAMESPACE,
         include_dashboard=False,
         resources={"prefill": resources["prefill"], "decode": resources["decode"]},
@@ -177,6 +180,7 @@ async def start_router(
         max_model_len=workers.max_model_len,
         policy=settings.policy,
         max_inflight=settings.max_inflight,
+        max_queued=settings.max_queued,
         model_name=os.path.basename(os.path.abspath(config.model)),
         # NOTE: the workers' EngineConfig gets the same salt and block size, so router and
         # workers name every KV block alike.
@@ -189,14 +193,21 @@ async def start_router(
     )
     tls = ServerTLS.from_files(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     api_keys = read_api_keys(settings.api_keys_file) if settings.api_keys_file else ()
-    port = await router.start(listen or settings.listen, tls=tls, api_keys=api_keys)
+    port = await router.start(
+        listen or settings.listen,
+        tls=tls,
+        api_keys=api_keys,
+        http_listen=settings.openai_listen or settings.metrics_listen,
+        openai=settings.openai_listen is not None,
+    )
     return router, port
 
 
 class BackgroundCluster:
     """A whole cluster whose router runs on a background thread: for tests and the demo.
 
-    `target` is the router's HOST:PORT once `start()` returns.
+    `target` is the router's HOST:PORT once `start()` returns; `http_target` is its HTTP
+    door's, when the config has one.
     """
 
     def __init__(self, config: ClusterConfig, address: str | None = None) -> None:
@@ -205,6 +216,7 @@ class BackgroundCluster:
         self.workers = Workers()
         self.router = None
         self.target = ""
+        self.http_target = ""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="pdserve-router"
@@ -217,6 +229,8 @@ class BackgroundCluster:
         host = self.config.router.listen.rpartition(":")[0]
         self.router, port = self.run(start_router(self.config, self.workers, f"{host}:0"))
         self.target = f"{host}:{port}"
+        if self.router.http_port is not None:
+            self.http_target = f"{host}:{self.router.http_port}"
         return self
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60) -> T:
@@ -238,10 +252,12 @@ class BackgroundCluster:
 
 
 def serve(
-    config: ClusterConfig, address: str | None, on_ready: Callable[[int], None] | None = None
+    config: ClusterConfig,
+    address: str | None,
+    on_ready: Callable[[int, int | None], None] | None = None,
 ) -> None:
     """The `pdserve serve` main loop: runs until SIGINT or SIGTERM, then stops the router and
-    every worker it started.
+    every worker it started. `on_ready(port, http_port)` is called once the router serves.
 
     NOTE: Ray and the workers start outside asyncio: `asyncio.run` turns the first Ctrl-C into
     a task cancellation, which start-up would not see until every worker loaded. Here SIGINT
@@ -274,7 +290,7 @@ def serve(
 
 
 async def _serve_router(
-    config: ClusterConfig, workers: Workers, on_ready: Callable[[int], None] | None
+    config: ClusterConfig, workers: Workers, on_ready: Callable[[int, int | None], None] | None
 ) -> None:
     import signal
 
@@ -284,6 +300,6 @@ async def _serve_router(
         loop.add_signal_handler(sig, stop.set)
     router, port = await start_router(config, workers)
     if on_ready is not None:
-        on_ready(port)
+        on_ready(port, router.http_port)
     await stop.wait()
     await router.stop(5.0)

@@ -5,7 +5,8 @@ runs between steps, so the actor's event loop stays free to take the next call a
 nothing needs a lock. KV arrives through `KVReceiver` into blocks the engine reserved (and
 counts as used). This worker
 alone decides when a request falls back to local prefill: when its transfer fails, goes silent
-or arrives incomplete, or when another part reports that it could not deliver the KV.
+or arrives incomplete, when another part reports that it could not deliver the KV, or when its
+blocks are too busy to reserve (the request then waits here for them instead of failing).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from pdserve.api.errors import PdserveError
+from pdserve.api.errors import CapacityExceeded, PdserveError
 from pdserve.api.messages import (
     ChannelAddress,
     PrefillRequest,
@@ -129,6 +130,11 @@ class DecodeService:
             cached = self.engine.reserve(
                 aid, req.prompt_token_ids, req.params, req.output_token_ids
             )
+        except CapacityExceeded:
+            # NOTE: busy blocks are no reason to refuse: the request waits in this engine's
+            # queue and is computed here once blocks free (the scheduler preempts if it must).
+            self._prefill_locally(req, time.monotonic())
+            return ReserveReply(queued_here=True)
         except PdserveError as e:
             return ReserveReply(error_code=e.grpc_code, error=str(e))
         num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
@@ -172,7 +178,10 @@ class DecodeService:
         info = self._requests[inc.attempt_id]
         info.cached_prompt_tokens = msg.cached_prompt_tokens
         info.timings = Timings(
-            msg.queue_s, msg.prefill_s, self._receiver.transfer_seconds(inc, msg)
+            msg.queue_s,
+            msg.prefill_s,
+            self._receiver.transfer_seconds(inc, msg),
+            inc.bytes_landed,
         )
         out = self.engine.admit_prefilled(inc.attempt_id, msg.first_token, msg.first_logprobs)
         self._emit([out])

@@ -18,8 +18,8 @@ import logging
 
 import torch
 
+from pdserve.api.block_hash import blocks_for
 from pdserve.engine.attention import AttentionBatch
-from pdserve.engine.kv_pool import blocks_for
 from pdserve.engine.model import CausalLM
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.engine.kv_pool import blocks_for
+from pdserve.api.block_hash import blocks_for
 from pdserve.engine.sequence import Sequence
 
 

@@ -50,11 +50,6 @@ class BlockPool:
         return self._refs[block]
 
 
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    """How many blocks hold `num_tokens` tokens."""
-    return -(-num_tokens // block_size)
-
-
 def allocate_kv_cache(
     num_layers: int,
     num_blocks: int,

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from pdserve.api.block_hash import block_hashes
+from pdserve.api.block_hash import block_hashes, blocks_for
 from pdserve.api.errors import CapacityExceeded
 from pdserve.api.kv_events import BlockStored, KVEvent
-from pdserve.engine.kv_pool import BlockPool, blocks_for
+from pdserve.engine.kv_pool import BlockPool
 from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.sequence import Sequence, Status
 
@@ -149,7 +149,11 @@ class Scheduler:
                 seq.num_computed = self._match(seq, seq.num_tokens - 1)
             n = min(seq.num_uncomputed, budget)
             need = self.blocks_needed(seq.num_computed + n) - len(seq.block_ids)
-            if need > self.num_available_blocks:
+            # NOTE: a prompt starts only once the pool holds all of it: started chunk by chunk
+            # into a pool that cannot, it would be preempted and recomputed over and over while
+            # it waits for the blocks (seen with a transfer holding most of a decode pool).
+            whole = self.blocks_needed(seq.num_tokens) - len(seq.block_ids)
+            if whole > self.num_available_blocks:
                 if fresh:  # a waiting sequence must not pin cached blocks others could use
                     self._release(seq)
                     seq.num_computed = 0

@@ -118,6 +118,11 @@ class PrefillService:
             if not done.done():
                 done.set_result(PrefillResult(aid, False, code, f"{req.decode_worker}: {e}"))
         else:
+            if reply.queued_here:  # the decode worker computes it once its blocks free
+                await self._core.call(self._drop, t)
+                if not done.done():
+                    done.set_result(PrefillResult(aid, True))
+                return
             closed = await self._core.call(self._sender.landed, t, reply, chan)
             if closed and not done.done():  # the first token was waiting for the reservation
                 done.set_result(PrefillResult(aid, True))

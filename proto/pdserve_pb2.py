@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/proto/pdserve.proto\x12\npdserve.v1\"\xe7\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12 \n\x04\x63hat\x18\x04 \x01(\x0b\x32\x10.pdserve.v1.ChatH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.pdserve.v1.SamplingOptions\x12 \n\x13skip_special_tokens\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12(\n\tplacement\x18\x07 \x01(\x0b\x32\x15.pdserve.v1.Placement\x12\x13\n\x0bresume_from\x18\x08 \x01(\t\x12\x1d\n\x10\x63lamp_max_tokens\x18\t \x01(\x08H\x02\x88\x01\x01\x42\x07\n\x05inputB\x16\n\x14_skip_special_tokensB\x13\n\x11_clamp_max_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8f\x01\n\x04\x43hat\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x42\x18\n\x16_add_generation_prompt\"\xed\x03\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x03H\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\":\n\tPlacement\x12\x16\n\x0eprefill_worker\x18\x01 \x01(\t\x12\x15\n\rdecode_worker\x18\x02 \x01(\t\"\x96\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x03\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x08 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12(\n\tplacement\x18\t \x01(\x0b\x32\x15.pdserve.v1.Placement\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"b\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x0f\n\x07total_s\x18\x05 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\rAbortResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x16\n\x14\x43lusterStatusRequest\"\x95\x01\n\rClusterStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\'\n\x07workers\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.WorkerInfo\x12\x10\n\x08inflight\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\"\xaf\x02\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\n\n\x02tp\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x15\n\rcached_blocks\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x16\n\x0erequests_total\x18\n \x01(\x04\x12\x1e\n\x16prompt_tokens_computed\x18\x0b \x01(\x04\x12\x1c\n\x14prompt_tokens_cached\x18\x0c \x01(\x04\x12\x1a\n\x12kv_blocks_received\x18\r \x01(\x04\x12\x16\n\x0ekv_blocks_sent\x18\x0e \x01(\x04\x32\xe4\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12O\n\x10GetClusterStatus\x12 .pdserve.v1.ClusterStatusRequest\x1a\x19.pdserve.v1.ClusterStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/proto/pdserve.proto\x12\npdserve.v1\"\x8b\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12 \n\x04\x63hat\x18\x04 \x01(\x0b\x32\x10.pdserve.v1.ChatH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.pdserve.v1.SamplingOptions\x12 \n\x13skip_special_tokens\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12(\n\tplacement\x18\x07 \x01(\x0b\x32\x15.pdserve.v1.Placement\x12\x13\n\x0bresume_from\x18\x08 \x01(\t\x12\x1d\n\x10\x63lamp_max_tokens\x18\t \x01(\x08H\x02\x88\x01\x01\x12\x15\n\x08priority\x18\n \x01(\x05H\x03\x88\x01\x01\x42\x07\n\x05inputB\x16\n\x14_skip_special_tokensB\x13\n\x11_clamp_max_tokensB\x0b\n\t_priority\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8f\x01\n\x04\x43hat\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x42\x18\n\x16_add_generation_prompt\"\xed\x03\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x03H\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\":\n\tPlacement\x12\x16\n\x0eprefill_worker\x18\x01 \x01(\t\x12\x15\n\rdecode_worker\x18\x02 \x01(\t\"\x96\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x03\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x08 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12(\n\tplacement\x18\t \x01(\x0b\x32\x15.pdserve.v1.Placement\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"z\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x0f\n\x07total_s\x18\x05 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x06 \x01(\x04\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\rAbortResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x16\n\x14\x43lusterStatusRequest\"\xa5\x01\n\rClusterStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\'\n\x07workers\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.WorkerInfo\x12\x10\n\x08inflight\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x0e\n\x06queued\x18\x07 \x01(\r\"\xaf\x02\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\n\n\x02tp\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x07 \x01(\r\x12\x15\n\rcached_blocks\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x16\n\x0erequests_total\x18\n \x01(\x04\x12\x1e\n\x16prompt_tokens_computed\x18\x0b \x01(\x04\x12\x1c\n\x14prompt_tokens_cached\x18\x0c \x01(\x04\x12\x1a\n\x12kv_blocks_received\x18\r \x01(\x04\x12\x16\n\x0ekv_blocks_sent\x18\x0e \x01(\x04\x32\xe4\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12O\n\x10GetClusterStatus\x12 .pdserve.v1.ClusterStatusRequest\x1a\x19.pdserve.v1.ClusterStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,37 +32,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.proto.pdserve_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=44
-  _globals['_GENERATEREQUEST']._serialized_end=403
-  _globals['_TOKENIDS']._serialized_start=405
-  _globals['_TOKENIDS']._serialized_end=428
-  _globals['_CHATMESSAGE']._serialized_start=430
-  _globals['_CHATMESSAGE']._serialized_end=474
-  _globals['_CHAT']._serialized_start=477
-  _globals['_CHAT']._serialized_end=620
-  _globals['_SAMPLINGOPTIONS']._serialized_start=623
-  _globals['_SAMPLINGOPTIONS']._serialized_end=1116
-  _globals['_PLACEMENT']._serialized_start=1118
-  _globals['_PLACEMENT']._serialized_end=1176
-  _globals['_GENERATERESPONSE']._serialized_start=1179
-  _globals['_GENERATERESPONSE']._serialized_end=1457
-  _globals['_TOKENLOGPROB']._serialized_start=1459
-  _globals['_TOKENLOGPROB']._serialized_end=1545
-  _globals['_TOPLOGPROB']._serialized_start=1547
-  _globals['_TOPLOGPROB']._serialized_end=1594
-  _globals['_USAGE']._serialized_start=1596
-  _globals['_USAGE']._serialized_end=1683
-  _globals['_TIMINGS']._serialized_start=1685
-  _globals['_TIMINGS']._serialized_end=1783
-  _globals['_ABORTREQUEST']._serialized_start=1785
-  _globals['_ABORTREQUEST']._serialized_end=1819
-  _globals['_ABORTRESPONSE']._serialized_start=1821
-  _globals['_ABORTRESPONSE']._serialized_end=1856
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1858
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1880
-  _globals['_CLUSTERSTATUS']._serialized_start=1883
-  _globals['_CLUSTERSTATUS']._serialized_end=2032
-  _globals['_WORKERINFO']._serialized_start=2035
-  _globals['_WORKERINFO']._serialized_end=2338
-  _globals['_GENERATION']._serialized_start=2341
-  _globals['_GENERATION']._serialized_end=2569
+  _globals['_GENERATEREQUEST']._serialized_end=439
+  _globals['_TOKENIDS']._serialized_start=441
+  _globals['_TOKENIDS']._serialized_end=464
+  _globals['_CHATMESSAGE']._serialized_start=466
+  _globals['_CHATMESSAGE']._serialized_end=510
+  _globals['_CHAT']._serialized_start=513
+  _globals['_CHAT']._serialized_end=656
+  _globals['_SAMPLINGOPTIONS']._serialized_start=659
+  _globals['_SAMPLINGOPTIONS']._serialized_end=1152
+  _globals['_PLACEMENT']._serialized_start=1154
+  _globals['_PLACEMENT']._serialized_end=1212
+  _globals['_GENERATERESPONSE']._serialized_start=1215
+  _globals['_GENERATERESPONSE']._serialized_end=1493
+  _globals['_TOKENLOGPROB']._serialized_start=1495
+  _globals['_TOKENLOGPROB']._serialized_end=1581
+  _globals['_TOPLOGPROB']._serialized_start=1583
+  _globals['_TOPLOGPROB']._serialized_end=1630
+  _globals['_USAGE']._serialized_start=1632
+  _globals['_USAGE']._serialized_end=1719
+  _globals['_TIMINGS']._serialized_start=1721
+  _globals['_TIMINGS']._serialized_end=1843
+  _globals['_ABORTREQUEST']._serialized_start=1845
+  _globals['_ABORTREQUEST']._serialized_end=1879
+  _globals['_ABORTRESPONSE']._serialized_start=1881
+  _globals['_ABORTRESPONSE']._serialized_end=1916
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1918
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1940
+  _globals['_CLUSTERSTATUS']._serialized_start=1943
+  _globals['_CLUSTERSTATUS']._serialized_end=2108
+  _globals['_WORKERINFO']._serialized_start=2111
+  _globals['_WORKERINFO']._serialized_end=2414
+  _globals['_GENERATION']._serialized_start=2417
+  _globals['_GENERATION']._serialized_end=2645
 # @@protoc_insertion_point(module_scope)

@@ -1,7 +1,9 @@
 """Finished requests by id, kept so that a later request can resume one (`resume_from`).
 
 Bounded by count and by age, so the router holds no state it cannot lose: the oldest entry
-leaves when the table is full, and an entry older than `ttl_s` is gone.
+leaves when the table is full, and an entry older than `ttl_s` is gone. Ids are scoped by
+`owner` (the digest of the API key that ran the request): another key never finds an entry,
+so it can neither read nor continue someone else's tokens.
 """
 
 from __future__ import annotations
@@ -33,24 +35,26 @@ class RequestTable:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, FinishedRequest]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], tuple[float, FinishedRequest]] = OrderedDict()
 
     def __len__(self) -> int:
         self._expire()
         return len(self._entries)
 
-    def put(self, request_id: str, request: FinishedRequest) -> None:
-        """Records `request`, replacing an earlier request of the same id."""
-        self._entries.pop(request_id, None)
-        self._entries[request_id] = (self._clock(), request)
+    def put(self, request_id: str, request: FinishedRequest, owner: str = "") -> None:
+        """Records `request`, replacing an earlier request of the same id and owner."""
+        key = (owner, request_id)
+        self._entries.pop(key, None)
+        self._entries[key] = (self._clock(), request)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         self._expire()
 
-    def get(self, request_id: str) -> FinishedRequest:
-        """The request, or NOT_FOUND (never seen, evicted, or older than the TTL)."""
+    def get(self, request_id: str, owner: str = "") -> FinishedRequest:
+        """The request, or NOT_FOUND (never seen by this owner, evicted, or older than the
+        TTL)."""
         self._expire()
-        entry = self._entries.get(request_id)
+        entry = self._entries.get((owner, request_id))
         if entry is None:
             raise NotFound(
                 f"resume_from: no finished request {request_id!r} is kept (the router keeps "

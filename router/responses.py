@@ -60,7 +60,10 @@ class ResponseBuilder:
         if delta.timings is not None:
             t = delta.timings
             self._worker_timings = pb.Timings(
-                queue_s=t.queue_s, prefill_s=t.prefill_s, transfer_s=t.transfer_s
+                queue_s=t.queue_s,
+                prefill_s=t.prefill_s,
+                transfer_s=t.transfer_s,
+                transfer_bytes=t.transfer_bytes,
             )
         text, stopped = self._text.add(delta.token_ids, final=delta.finish_reason is not None)
         response = pb.GenerateResponse(

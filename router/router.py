@@ -8,6 +8,7 @@ end-to-end tests can start one beside Ray workers and talk to it over gRPC on th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -18,26 +19,38 @@ from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.api.block_hash import block_hashes
+from pdserve.api.block_hash import block_hashes, blocks_for
 from pdserve.api.errors import CapacityExceeded, NotFound
 from pdserve.api.messages import PrefillRequest, TokenDelta
 from pdserve.api.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.router.admission import Admission
 from pdserve.router.auth import ServerTLS
 from pdserve.router.errors import RequestFailed
+from pdserve.router.http import HttpServer, start_http
 from pdserve.router.index import RadixIndex
 from pdserve.router.kv_feed import ActorKVSource, KVFeed
+from pdserve.router.logs import REQUEST_ID
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.placement import Assignment, Demand, Placer
 from pdserve.router.request_table import FinishedRequest, RequestTable
 from pdserve.router.responses import ResponseBuilder
 from pdserve.router.server import RunningServer, start_server
-from pdserve.router.status import cluster_status
+from pdserve.router.status import STATUS_TIMEOUT_S, cluster_status
 from pdserve.router.streams import DecodeStreams, Failure
-from pdserve.router.validation import MAX_REQUEST_ID_LEN, validate
+from pdserve.router.validation import (
+    MAX_REQUEST_ID_LEN,
+    ValidRequest,
+    check_text_size,
+    validate,
+)
 
 logger = logging.getLogger(__name__)
 
 LONG_INPUT_BYTES = 8192
+# Threads that tokenize long inputs: requests beyond them wait their turn, and validation bounds
+# each input by the context before it is tokenized, so no input holds one for long.
+TOKENIZER_THREADS = 2
 
 Send = Callable[[pb.GenerateResponse], Awaitable[None]]
 
@@ -45,15 +58,27 @@ Send = Callable[[pb.GenerateResponse], Awaitable[None]]
 @dataclass(eq=False)
 class _InFlight:
     """`attempt_id` is what workers see: unique per attempt, so a client that reuses its
-    request id (a retry) never meets the deltas or aborts of the earlier attempt."""
+    request id (a retry) never meets the deltas or aborts of the earlier attempt. `owner`
+    names the API key that created the request ("" without keys); ids are unique per owner."""
 
+    owner: str
     request_id: str
     attempt_id: str
     assignment: Assignment
+    kv_blocks: int
     prefill: asyncio.Task[None] | None = None
     # Set once the decode worker sent the request's final delta (its blocks are free).
     decode_finished: bool = False
     # Set once the router asked both workers to abort (by the Abort RPC or on the way out).
+    aborted: bool = False
+
+
+@dataclass(eq=False)
+class _Queued:
+    """A request waiting for KV blocks (`admission` returns once they are charged to it);
+    `aborted` once the Abort RPC ended its wait."""
+
+    admission: asyncio.Task[None]
     aborted: bool = False
 
 
@@ -70,6 +95,7 @@ class Router:
         max_model_len: int,
         policy: str = "cache_aware",
         max_inflight: int = 1024,
+        max_queued: int = 1024,
         model_name: str = "",
         block_size: int = 16,
         salt: int = 0,
@@ -79,7 +105,9 @@ class Router:
         request_table_ttl_s: float = 600.0,
     ) -> None:
         """`block_size` and `salt` must be the workers' (`pdserve.api.block_hash`), so that
-        the router names prompt blocks as the workers' KV events do."""
+        the router names prompt blocks as the workers' KV events do. `max_inflight` bounds the
+        requests between arrival and end (validating, queued or running), `max_queued` those
+        waiting for KV blocks (`pdserve.router.admission`)."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -104,28 +132,61 @@ class Router:
         workers = {**self.prefill_workers, **self.decode_workers}
         self._kv_feed = KVFeed(self.index, {w: ActorKVSource(h) for w, h in workers.items()})
         self._finished = RequestTable(request_table_size, request_table_ttl_s)
-        self._inflight: dict[str, _InFlight] = {}
+        self.admission = Admission(max_queued)
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
+            TOKENIZER_THREADS, thread_name_prefix="tokenize"
+        )
+        self._num_arrived = 0  # requests between arrival and end
+        self._inflight: dict[tuple[str, str], _InFlight] = {}  # placed, by (owner, id)
+        self._queued: dict[tuple[str, str], _Queued] = {}  # waiting for KV blocks
         self._background: set[asyncio.Task[Any]] = set()
         self._server: RunningServer | None = None
+        self._http: HttpServer | None = None
+        self.metrics = RouterMetrics(lambda: self._num_arrived, lambda: self.num_queued)
 
     @property
     def num_inflight(self) -> int:
-        return len(self._inflight)
+        """Requests from arrival to end: validating, queued for KV blocks, or running."""
+        return self._num_arrived
+
+    @property
+    def num_queued(self) -> int:
+        return self.admission.num_queued
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self._http is None else self._http.port
 
     async def start(
-        self, listen: str, *, tls: ServerTLS | None = None, api_keys: Collection[str] = ()
+        self,
+        listen: str,
+        *,
+        tls: ServerTLS | None = None,
+        api_keys: Collection[str] = (),
+        http_listen: str | None = None,
+        openai: bool = False,
     ) -> int:
         """Starts consuming the decode workers' streams and every worker's KV events, and
         serving on `listen` (host:port; port 0 picks a free one), over TLS when `tls` is
-        given, requiring one of `api_keys` when there are any. Returns the bound port."""
+        given, requiring one of `api_keys` when there are any. With `http_listen`, the HTTP
+        door serves `/metrics` there, and the OpenAI API too with `openai`, under the same TLS
+        and keys. Returns the bound gRPC port."""
+        await self._learn_kv_capacity()
         self._server = await start_server(self, listen, tls=tls, api_keys=api_keys)
+        if http_listen is not None:
+            self._http = await start_http(
+                self, http_listen, openai=openai, tls=tls, api_keys=api_keys
+            )
         self._streams.start()
         self._kv_feed.start()
         return self._server.port
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Lets RPCs in flight finish for `grace` seconds, cancels the rest (aborting their
-        requests on the workers), then stops consuming streams."""
+        """Lets requests in flight finish for `grace` seconds, cancels the rest (aborting them
+        on the workers), then stops consuming streams."""
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -134,36 +195,65 @@ class Router:
             await asyncio.wait(self._background, timeout=max(grace, 1.0))
         await self._streams.stop()
         await self._kv_feed.stop()
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def generate(self, request: pb.GenerateRequest, send: Send) -> None:
+    async def generate(
+        self,
+        request: pb.GenerateRequest,
+        send: Send,
+        *,
+        owner: str = "",
+        deadline_s: float | None = None,
+    ) -> None:
         """Runs one request, calling `send` for each response message; raises a
-        `PdserveError` to end the RPC with its status code."""
+        `PdserveError` to end the RPC with its status code. Both doors (gRPC and HTTP) come
+        here; the request's metrics are observed and its log lines carry its id. `owner`
+        scopes the request id (`auth.key_owner`); `deadline_s` is the time the caller has left.
+        The request counts in flight from its arrival to its end."""
         arrival = time.monotonic()
-        if len(self._inflight) >= self.max_inflight:
-            raise CapacityExceeded(
-                f"{len(self._inflight)} requests in flight; the router takes {self.max_inflight}"
-            )
-        resume_from = request.resume_from
-        # NOTE: an over-long id is refused by `validate`, naming the field.
-        known_length = len(resume_from) <= MAX_REQUEST_ID_LEN
-        earlier = self._finished.get(resume_from) if resume_from and known_length else None
-        check = functools.partial(
-            validate,
-            request,
-            self.tokenizer,
-            vocab_size=self.vocab_size,
-            max_model_len=self.max_model_len,
-            earlier=earlier,
-        )
-        # NOTE: tokenizing a long text or chat takes milliseconds; off the loop, it does not
-        # stall every other stream. Short prompts are cheaper inline than a thread hop.
-        long_input = request.ByteSize() > LONG_INPUT_BYTES and request.WhichOneof("input") in (
-            "text",
-            "chat",
-        )
-        valid = await asyncio.to_thread(check) if long_input else check()
-        request_id = request.request_id or uuid.uuid4().hex
-        if request_id in self._inflight:
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        token = REQUEST_ID.set(request.request_id)
+        final: pb.GenerateResponse | None = None
+
+        async def watch(response: pb.GenerateResponse) -> None:
+            nonlocal final
+            if response.finish_reason:
+                final = response
+            await send(response)
+
+        try:
+            if self._num_arrived >= self.max_inflight:
+                raise CapacityExceeded(
+                    f"{self._num_arrived} requests in flight; the router takes {self.max_inflight}"
+                )
+            self._num_arrived += 1
+            try:
+                await self._generate(request, watch, owner, arrival, deadline_s)
+            finally:
+                self._num_arrived -= 1
+        except BaseException as e:
+            self.metrics.request_failed(e)
+            raise
+        else:
+            assert final is not None
+            self.metrics.request_done(final)
+        finally:
+            REQUEST_ID.reset(token)
+
+    async def _generate(
+        self,
+        request: pb.GenerateRequest,
+        send: Send,
+        owner: str,
+        arrival: float,
+        deadline_s: float | None,
+    ) -> None:
+        self.admission.refuse_if_full()  # before the request costs a tokenization
+        valid = await self._validated(request, owner)
+        request_id = request.request_id
+        key = (owner, request_id)
+        if key in self._inflight or key in self._queued:
             raise RequestFailed(
                 "ALREADY_EXISTS", f"request_id: {request_id!r} is already in flight"
             )
@@ -171,18 +261,21 @@ class Router:
         if params.seed is None:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         context = valid.context
-        pins = request.placement
-        # NOTE: only cache_aware reads the index; the other policies need no hashes.
-        hashes = block_hashes(context, self.block_size, self.salt) if self._placer.aware else ()
-        assignment = self._placer.place(
-            Demand(
-                hashes,
-                len(context),
-                params.max_tokens,
-                pins.prefill_worker,
-                pins.decode_worker,
+        kv_blocks = blocks_for(len(context) + params.max_tokens, self.block_size)
+        if not await self._admit(key, kv_blocks, request.priority, deadline_s):
+            unplaced = Assignment("", "")
+            builder = ResponseBuilder(
+                request_id, self.tokenizer, context, params, arrival, unplaced
             )
-        )
+            await send(builder.on_delta(TokenDelta(request_id, (), finish_reason="abort")))
+            finished = FinishedRequest(valid.prompt_token_ids, valid.output_token_ids, params)
+            self._finished.put(request_id, finished, owner)
+            return
+        try:
+            assignment = self._place(request.placement, context, params.max_tokens)
+        except BaseException:
+            self.admission.release(kv_blocks)
+            raise
         builder = ResponseBuilder(
             request_id,
             self.tokenizer,
@@ -192,9 +285,10 @@ class Router:
             assignment,
             valid.skip_special_tokens,
         )
-        flight = _InFlight(request_id, f"{request_id}/{uuid.uuid4().hex[:12]}", assignment)
+        attempt_id = f"{request_id}/{uuid.uuid4().hex[:12]}"
+        flight = _InFlight(owner, request_id, attempt_id, assignment, kv_blocks)
         queue = self._streams.register(flight.attempt_id, assignment.decode)
-        self._inflight[request_id] = flight
+        self._inflight[key] = flight
         try:
             # NOTE: the engine counts resumed output towards max_tokens, as the uninterrupted
             # request would have.
@@ -219,16 +313,80 @@ class Router:
         finally:
             self._finish(flight)
             output = valid.output_token_ids + tuple(builder.token_ids)
-            self._finished.put(request_id, FinishedRequest(valid.prompt_token_ids, output, params))
+            finished = FinishedRequest(valid.prompt_token_ids, output, params)
+            self._finished.put(request_id, finished, owner)
 
-    async def abort(self, request_id: str) -> None:
-        """Ends a request in flight with finish_reason "abort" once both workers freed it."""
-        flight = self._inflight.get(request_id)
+    async def abort(self, request_id: str, *, owner: str = "") -> None:
+        """Ends a request in flight with finish_reason "abort": at once if it waits for KV
+        blocks, else once both workers freed it. Only its owner finds it: to any other caller
+        it does not exist."""
+        queued = self._queued.get((owner, request_id))
+        if queued is not None:
+            queued.aborted = True
+            queued.admission.cancel()
+            return
+        flight = self._inflight.get((owner, request_id))
         if flight is None:
             raise NotFound(f"request_id: no request {request_id!r} is in flight")
         attempt = flight.attempt_id
         self._streams.push(attempt, TokenDelta(attempt, (), finish_reason="abort"))
         await self._abort_on_workers(flight)
+
+    async def _validated(self, request: pb.GenerateRequest, owner: str) -> ValidRequest:
+        resume_from = request.resume_from
+        # NOTE: an over-long id is refused by `validate`, naming the field.
+        known_length = len(resume_from) <= MAX_REQUEST_ID_LEN
+        earlier = self._finished.get(resume_from, owner) if resume_from and known_length else None
+        check = functools.partial(
+            validate,
+            request,
+            self.tokenizer,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            earlier=earlier,
+        )
+        # NOTE: tokenizing a long text or chat takes milliseconds; off the loop, it does not
+        # stall every other stream. Short prompts are cheaper inline than a thread hop.
+        long_input = request.ByteSize() > LONG_INPUT_BYTES and request.WhichOneof("input") in (
+            "text",
+            "chat",
+        )
+        if long_input:
+            # NOTE: oversized text is refused here, before it waits for a tokenizer thread, so
+            # a flood of it holds no memory beyond the request being looked at.
+            check_text_size(request, self.tokenizer, self.max_model_len)
+            return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, check)
+        return check()
+
+    def _place(self, pins: pb.Placement, context: tuple[int, ...], max_tokens: int) -> Assignment:
+        # NOTE: only cache_aware reads the index; the other policies need no hashes.
+        hashes = block_hashes(context, self.block_size, self.salt) if self._placer.aware else ()
+        return self._placer.place(
+            Demand(hashes, len(context), max_tokens, pins.prefill_worker, pins.decode_worker)
+        )
+
+    async def _admit(
+        self, key: tuple[str, str], kv_blocks: int, priority: int, deadline_s: float | None
+    ) -> bool:
+        """Waits until `kv_blocks` are charged to the request (`Admission.acquire`); False,
+        with nothing charged, when the Abort RPC ended the wait."""
+        task = asyncio.ensure_future(self.admission.acquire(kv_blocks, priority, deadline_s))
+        queued = self._queued[key] = _Queued(task)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self.admission.release(kv_blocks)  # admitted as this call was cancelled
+            current = asyncio.current_task()
+            if queued.aborted and not (current is not None and current.cancelling()):
+                return False
+            raise
+        finally:
+            del self._queued[key]
+        if queued.aborted:  # admitted as the abort came
+            self.admission.release(kv_blocks)
+            return False
+        return True
 
     async def cluster_status(self) -> pb.ClusterStatus:
         return await cluster_status(self)
@@ -249,6 +407,7 @@ class Router:
                     result = await self.prefill_workers[worker].prefill.remote(request)
                 except Exception as e:
                     logger.warning("prefill worker %s failed (%s); decode prefills", worker, e)
+                    self.metrics.failovers.labels("prefill").inc()
                     failure = await self._prefill_on_decode(
                         request, decode, f"prefill {worker}: {e}; "
                     )
@@ -274,9 +433,10 @@ class Router:
     def _finish(self, flight: _InFlight) -> None:
         """Drops the request's state; unless the decode worker finished it, aborts it on the
         workers in the background (this runs on cancellation too, so it must not wait)."""
-        del self._inflight[flight.request_id]
+        del self._inflight[flight.owner, flight.request_id]
         self._streams.unregister(flight.attempt_id)
         self._placer.decode_done(flight.assignment)
+        self.admission.release(flight.kv_blocks)
         if not flight.decode_finished:
             self._spawn(self._abort_on_workers(flight))
         elif flight.prefill is not None:
@@ -304,3 +464,17 @@ class Router:
     def _on_decode_lost(self, worker_id: str, reason: str) -> None:
         self.lost_workers[worker_id] = reason
         self._placer.remove_decode(worker_id)
+        self.admission.remove(worker_id)
+
+    async def _learn_kv_capacity(self) -> None:
+        """Asks each decode worker for the size of its KV pool, which admission fills."""
+        workers = list(self.decode_workers.items())
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(h.status.remote(), STATUS_TIMEOUT_S) for _, h in workers),
+            return_exceptions=True,
+        )
+        for (worker_id, _), status in zip(workers, answers):
+            if isinstance(status, BaseException):
+                logger.warning("decode worker %s: no KV pool size (%s)", worker_id, status)
+            else:
+                self.admission.set_capacity(worker_id, status.total_blocks)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -14,61 +14,86 @@ from grpc_reflection.v1alpha import reflection
 
 from pdserve.api.errors import InvalidRequest
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.router.auth import ApiKeyInterceptor, ServerTLS
+from pdserve.router.auth import ApiKeyInterceptor, ServerTLS, authorization, key_owner
 from pdserve.router.errors import status_of
+from pdserve.router.validation import reject_unknown_fields
 
 if TYPE_CHECKING:
     from pdserve.router.router import Router
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
 class GenerationServicer:
     """Translates RPCs into `Router` calls and every failure into a status code.
 
-    Requests arrive as raw bytes and are parsed here, so that bytes that are not a
-    `GenerateRequest` get INVALID_ARGUMENT like any other malformed request.
+    Requests arrive as raw bytes and are parsed here, so that bytes that are not the RPC's
+    message, or that carry a field number this server does not know, get INVALID_ARGUMENT
+    like any other malformed request.
+
+    A request belongs to the API key that created it (`auth.key_owner`): its id is unique per
+    key, and only that key can abort or resume it.
     """
 
     def __init__(self, router: Router) -> None:
         self._router = router
 
     async def generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> None:
-        try:
-            await self._router.generate(_parse(pb.GenerateRequest, raw), context.write)
-        except Exception as e:
-            await _abort(context, e)
+        await _answer(context, self._generate(raw, context))
 
     async def abort(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        try:
-            request = _parse(pb.AbortRequest, raw)
-            await self._router.abort(request.request_id)
-            return pb.AbortResponse(request_id=request.request_id)
-        except Exception as e:
-            await _abort(context, e)
+        return await _answer(context, self._abort(raw, context))
 
     async def get_cluster_status(
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> pb.ClusterStatus:
-        try:
-            _parse(pb.ClusterStatusRequest, raw)
-            return await self._router.cluster_status()
-        except Exception as e:
-            await _abort(context, e)
+        return await _answer(context, self._status(raw))
+
+    async def _generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> None:
+        await self._router.generate(
+            _parse(pb.GenerateRequest, raw),
+            context.write,
+            owner=self._owner(context),
+            deadline_s=context.time_remaining(),
+        )
+
+    async def _abort(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        request = _parse(pb.AbortRequest, raw)
+        await self._router.abort(request.request_id, owner=self._owner(context))
+        return pb.AbortResponse(request_id=request.request_id)
+
+    async def _status(self, raw: bytes) -> pb.ClusterStatus:
+        _parse(pb.ClusterStatusRequest, raw)
+        return await self._router.cluster_status()
+
+    def _owner(self, context: grpc.aio.ServicerContext) -> str:
+        return key_owner(authorization(context.invocation_metadata() or ()))
 
 
 def _parse(message_type: type, raw: bytes):
     try:
-        return message_type.FromString(raw)
+        message = message_type.FromString(raw)
     except DecodeError as e:
         raise InvalidRequest("request", f"not a valid {message_type.__name__}: {e}") from e
+    reject_unknown_fields(message)
+    return message
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
-    code, message = status_of(error)
-    await context.abort(code, message)
+async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+    """The result of `work`; a failure ends the call with its status code.
+
+    NOTE: the status goes out after the except block, once the failed call's frames (and the
+    request they hold) are released: a flood of huge invalid requests then holds one parsed
+    request at a time, not every one whose status is still being sent.
+    """
+    try:
+        return await work
+    except Exception as e:
+        code, message = status_of(e)
+    await context.abort(code, message)  # raises
 
 
 def _handler(servicer: GenerationServicer) -> grpc.GenericRpcHandler:

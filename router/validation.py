@@ -1,8 +1,9 @@
 """A `GenerateRequest` becomes prompt token ids and `SamplingParams`, or INVALID_ARGUMENT
 naming the field.
 
-Cheap checks (unknown fields, sampling) come before tokenization, so malformed requests cost
-little.
+Cheap checks (sampling, the size of text against the context) come before tokenization, so
+malformed and oversized requests cost little. Unknown fields are refused where every RPC's
+message is parsed (`reject_unknown_fields`, called by the server).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ def validate(
     earlier: FinishedRequest | None = None,
 ) -> ValidRequest:
     """`earlier` is the request named by `resume_from` (the caller looked it up)."""
-    reject_unknown_fields(request)
     pins = request.placement
     for name, value in (
         ("request_id", request.request_id),
@@ -58,6 +58,7 @@ def validate(
         if len(value) > MAX_REQUEST_ID_LEN:
             raise InvalidRequest(name, f"is longer than {MAX_REQUEST_ID_LEN} characters")
     params = sampling_params(request.sampling, vocab_size, earlier.params if earlier else None)
+    check_text_size(request, tokenizer, max_model_len)
     field = request.WhichOneof("input")
     output: tuple[int, ...] = ()
     if earlier is not None and field is None:
@@ -67,14 +68,18 @@ def validate(
     elif earlier is not None:
         if field == "chat":
             raise InvalidRequest("chat", "cannot continue a request; give text or token_ids")
-        tail = _input_ids(request, field, tokenizer, vocab_size, add_special_tokens=False)
+        tail = _input_ids(
+            request, field, tokenizer, vocab_size, max_model_len, add_special_tokens=False
+        )
         if not tail:
             raise InvalidRequest(field, "the new turn is empty")
         ids = [*earlier.prompt_token_ids, *earlier.output_token_ids, *tail]
     elif field is None:
         raise InvalidRequest("input", "set one of text, token_ids or chat")
     else:
-        ids = _input_ids(request, field, tokenizer, vocab_size, add_special_tokens=True)
+        ids = _input_ids(
+            request, field, tokenizer, vocab_size, max_model_len, add_special_tokens=True
+        )
     if not ids:
         raise InvalidRequest(field, "the prompt is empty")
     if len(ids) + len(output) >= max_model_len:
@@ -93,15 +98,43 @@ def _input_ids(
     field: str,
     tokenizer: Tokenizer,
     vocab_size: int,
+    max_model_len: int,
     add_special_tokens: bool,
 ) -> list[int]:
     if field == "text":
         return tokenizer.encode(request.text, add_special_tokens) if request.text else []
     if field == "token_ids":
         ids = list(request.token_ids.ids)
+        if len(ids) >= max_model_len:
+            return ids  # refused by length, without a look at each id
         _check_token_ids("token_ids.ids", ids, vocab_size)
         return ids
     return chat_token_ids(request.chat, tokenizer)
+
+
+def check_text_size(request: pb.GenerateRequest, tokenizer: Tokenizer, max_model_len: int) -> None:
+    """Refuses text or chat too long to fit the context whatever it says, before it is
+    tokenized.
+
+    NOTE: a token covers no more characters of text than its vocabulary entry spells (a
+    byte-level entry has one character per byte, a "▁"/"##" or "<0x0A>" entry more), so text
+    longer than `max_model_len * tokenizer.max_token_chars` characters cannot fit. Only a
+    normalizer that deletes characters could make such text fit; it is refused all the same.
+    """
+    field = request.WhichOneof("input")
+    if field == "text":
+        num_chars = len(request.text)
+    elif field == "chat":
+        num_chars = sum(len(m.content) for m in request.chat.messages)
+    else:
+        return
+    limit = max_model_len * tokenizer.max_token_chars
+    if num_chars > limit:
+        raise InvalidRequest(
+            field,
+            f"{num_chars} characters cannot fit the model's context of {max_model_len} tokens "
+            f"(at most {limit} characters)",
+        )
 
 
 def _fit_context(

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from pdserve.api.block_hash import blocks_for
 from pdserve.api.messages import ChannelAddress
-from pdserve.engine.kv_pool import blocks_for
 from pdserve.engine.kv_transfer.channel import RECEIVER, KVChannel
 from pdserve.engine.kv_transfer.messages import KeepAlive, KVChunk, TransferCancel, TransferDone
 from pdserve.engine.kv_transfer.slots import scatter_tokens, token_slots
@@ -43,6 +43,7 @@ class Incoming:
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
     last_landed: float | None = None
+    bytes_landed: int = 0
 
     def record(self, layer: int, start: int, n: int) -> None:
         if start <= self.layer_end[layer]:
@@ -212,6 +213,7 @@ class KVReceiver:
             scatter_tokens(self._kv_cache, chunk.layer, slots, chunk.payload)
             inc.record(chunk.layer, chunk.token_start, n)
             inc.last_landed = time.time()
+            inc.bytes_landed += chunk.payload.numel() * chunk.payload.element_size()
             if chunk.layer == 0:  # a block counts when its first token lands
                 end = chunk.token_start + n
                 self.blocks_received += blocks_for(end, self._block_size) - blocks_for(

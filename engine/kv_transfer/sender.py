@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from pdserve.api.block_hash import blocks_for
 from pdserve.api.errors import NotFound, RemoteError, TransferFailed
 from pdserve.api.messages import ChannelAddress, PrefillRequest, ReserveReply
-from pdserve.engine.kv_pool import blocks_for
 from pdserve.engine.kv_transfer.channel import SENDER, KVChannel
 from pdserve.engine.kv_transfer.messages import (
     KeepAlive,

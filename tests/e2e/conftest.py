@@ -1,5 +1,5 @@
-"""One running cluster (Ray, 1 prefill + 1 decode worker, the router) shared by the e2e tests:
-each start costs 10-20 s."""
+"""One running cluster (Ray, 1 prefill + 1 decode worker, the router with its gRPC port and its
+HTTP door) shared by the e2e tests: each start costs 10-20 s."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ def cluster_config(tiny_llama_dir):
             "kv_transfer": {"timeout_s": 5},
             # NOTE: 0 keeps every prompt that the decode worker does not hold whole on the
             # prefill worker, so these tests exercise the KV transfer.
-            "router": {"listen": "127.0.0.1:0", "local_prefill_max_tokens": 0},
+            "router": {
+                "listen": "127.0.0.1:0",
+                "openai_listen": "127.0.0.1:0",
+                "local_prefill_max_tokens": 0,
+            },
         }
     )
 

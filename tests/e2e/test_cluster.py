@@ -208,22 +208,26 @@ def test_cluster_is_idle_and_serving_after_the_fuzzing(cluster, client):
     assert client.complete([5, 6, 7], max_tokens=3, temperature=0).finish_reason == "length"
 
 
-def test_a_full_decode_pool_answers_resource_exhausted_and_drops_the_request(cluster, client):
+def test_a_request_the_decode_pool_cannot_hold_waits_and_runs_once_blocks_free(cluster, client):
     holders = [
         client.generate(_long_prompt(1500), max_tokens=500, temperature=0, ignore_eos=True)
         for _ in range(2)
     ]
     for stream in holders:
-        next(stream)  # both decode now, holding at least 188 of the 256 blocks
+        next(stream)  # both decode now; the router charged them 2 x 125 of the 256 blocks
     before = worker_status(cluster, "decode-0").prompt_tokens_computed
-    with pytest.raises(grpc.RpcError) as e:
-        client.complete(_long_prompt(1500), max_tokens=4)  # needs 94 blocks
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "blocks" in e.value.details()
-    # the decode worker never computed it; the prefill worker dropped what it had started
+    waiting = client.generate(_long_prompt(1500), max_tokens=4)  # needs 94 blocks
+    deadline = time.monotonic() + 10
+    while cluster.router.num_queued != 1:
+        assert time.monotonic() < deadline, "the request did not queue"
+        time.sleep(0.01)
+    assert client.status().inflight == 3
+    # no worker has seen it yet
     assert worker_status(cluster, "decode-0").prompt_tokens_computed == before
-    prefill = worker_status(cluster, "prefill-0")
-    assert prefill.running == 0 and prefill.free_blocks == prefill.total_blocks
+    assert worker_status(cluster, "prefill-0").running == 0
     for stream in holders:
         _cancelled(stream)
+    responses = list(waiting)
+    assert responses[-1].finish_reason == "length"
+    assert sum(len(r.token_ids) for r in responses) == 4
     _assert_idle_and_serving(cluster, client, "after overload")

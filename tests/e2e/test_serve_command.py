@@ -1,5 +1,6 @@
 """`pdserve serve` as an operator runs it: a foreground process without torch, controlled by
-`pdserve status` / `pdserve generate --server`, stopped by SIGTERM."""
+`pdserve status` / `pdserve generate --server`, with its HTTP door on `--openai-listen`, stopped
+by SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import yaml
@@ -46,7 +48,7 @@ def test_serve_runs_torch_free_answers_the_cli_and_stops_on_sigterm(tiny_llama_d
     )
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [*CLI, "serve", "--config", str(config)],
+        [*CLI, "serve", "--config", str(config), "--openai-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -54,6 +56,10 @@ def test_serve_runs_torch_free_answers_the_cli_and_stops_on_sigterm(tiny_llama_d
     )
     try:
         target = _wait_for_address(proc)
+        http = re.search(r"OpenAI API and /metrics on (http://\S+)", proc.stdout.readline())
+        assert http, "serve --openai-listen did not say where the HTTP door is"
+        with urllib.request.urlopen(http.group(1) + "/v1/models", timeout=30) as models:
+            assert json.loads(models.read())["data"][0]["id"] == tiny_llama_dir.name
         with open(f"/proc/{proc.pid}/maps") as maps:
             assert "libtorch" not in maps.read(), "the router process loaded torch"
 

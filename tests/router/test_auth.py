@@ -4,8 +4,6 @@ open for load balancers, and a TLS router answers only clients that speak TLS.""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,21 +25,6 @@ def keyed(start_router):
     running = start_router(api_keys=KEYS)
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1, and its key."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
-        + ["-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +193,46 @@ def test_the_launcher_secures_the_router_from_the_config(tiny_llama_dir, tls_fil
             await router.stop(0.5)
 
     asyncio.run(scenario())
+
+
+def test_a_request_id_belongs_to_the_key_that_created_it(start_router):
+    running = start_router(api_keys=KEYS)
+    running.hold_kv_pool()
+    target = running.target
+    try:
+        with Client(target, api_key=KEYS[0]) as one, Client(target, api_key=KEYS[1]) as two:
+            stream = one.generate([5, 6, 7], request_id="r", max_tokens=4, timeout=30)
+            running.wait_queued(1)
+            with pytest.raises(grpc.RpcError) as info:
+                two.abort("r", timeout=10)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            # the same id under another key is another request, not ALREADY_EXISTS
+            theirs = two.generate([5, 6, 7], request_id="r", max_tokens=4, timeout=30)
+            running.wait_queued(2)
+            one.abort("r", timeout=10)
+            assert [r.finish_reason for r in stream][-1] == "abort"
+            assert running.router.num_queued == 1  # key two's request still waits
+            two.abort("r", timeout=10)
+            assert [r.finish_reason for r in theirs][-1] == "abort"
+    finally:
+        running.stop()
+
+
+def test_another_key_cannot_resume_a_finished_request(start_router):
+    running = start_router(api_keys=KEYS)
+    running.hold_kv_pool()
+    try:
+        with Client(running.target, api_key=KEYS[0]) as one:
+            stream = one.generate([5, 6, 7], request_id="mine", max_tokens=4, timeout=30)
+            running.wait_queued(1)
+            one.abort("mine", timeout=10)
+            assert [r.finish_reason for r in stream][-1] == "abort"
+            resumed = one.generate(None, resume_from="mine", max_tokens=4, timeout=30)
+            running.wait_queued(1)  # its owner continues it (it queues for blocks)
+            resumed.cancel()
+        with Client(running.target, api_key=KEYS[1]) as two, pytest.raises(grpc.RpcError) as info:
+            two.complete(None, resume_from="mine", timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "mine" in info.value.details()
+    finally:
+        running.stop()

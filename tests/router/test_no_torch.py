@@ -10,7 +10,7 @@ def test_router_and_client_import_without_torch():
     code = (
         "import sys\n"
         "import pdserve.router.router, pdserve.router.server, pdserve.api.client\n"
-        "import pdserve.cluster.remote_generate\n"
+        "import pdserve.cluster.remote_generate, pdserve.router.http\n"
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'triton'))\n"
         "       or m.startswith(('pdserve.engine', 'pdserve.kernels', 'pdserve.prefill_worker',\n"
         "                        'pdserve.decode_worker'))]\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
@@ -169,3 +171,54 @@ def test_random_malformed_requests_crash_nothing(server, raw):
     # without workers a valid request ends UNAVAILABLE; nothing may end as a server fault
     assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE), details
     assert health_status(server.target, "") == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        ("/pdserve.v1.Generation/Abort", pb.AbortRequest(request_id="x")),
+        ("/pdserve.v1.Generation/GetClusterStatus", pb.ClusterStatusRequest()),
+    ],
+)
+def test_every_rpc_refuses_an_unknown_field_by_number(server, method, message):
+    raw = message.SerializeToString() + bytes([15 << 3]) + b"\x01"
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.unary_unary(method, request_serializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as info:
+            call(raw, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "field number 15" in info.value.details()
+
+
+def test_requests_wait_for_kv_blocks_and_past_the_queue_bound_are_refused_at_once(start_router):
+    running = start_router(max_queued=3)
+    running.hold_kv_pool()
+    try:
+        with Client(running.target) as client:
+            waiting = [client.generate([5, 6, 7], max_tokens=4, timeout=30) for _ in range(3)]
+            running.wait_queued(3)
+            status = client.status(timeout=10)
+            assert status.inflight == 3 and status.queued == 3  # counted from arrival
+            start = time.monotonic()
+            code, details = generate_status(running.target, build_request([5, 6], max_tokens=4))
+            assert time.monotonic() - start < 0.1
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "3 requests wait for KV blocks" in details and "router.max_queued" in details
+            for stream in waiting:
+                stream.cancel()
+            running.wait_queued(0)
+            assert running.router.num_inflight == 0
+    finally:
+        running.stop()
+
+
+def test_a_queued_request_whose_deadline_passes_leaves_the_queue(start_router):
+    running = start_router()
+    running.hold_kv_pool()
+    try:
+        with Client(running.target) as client, pytest.raises(grpc.RpcError) as info:
+            client.complete([5, 6, 7], max_tokens=4, timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        running.wait_queued(0)
+    finally:
+        running.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -10,7 +11,7 @@ from pdserve.api.client import build_request
 from pdserve.api.errors import InvalidRequest
 from pdserve.api.sampling import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.router.validation import validate
+from pdserve.router.validation import reject_unknown_fields, validate
 
 CONTEXT = 64
 
@@ -116,7 +117,7 @@ def test_unknown_field_inside_a_chat_message_is_named_by_its_path(tokenizer):
     raw = request.chat.messages[1].SerializeToString() + bytes([9 << 3]) + b"\x01"
     request.chat.messages[1].ParseFromString(raw)
     with pytest.raises(InvalidRequest) as info:
-        check(request, tokenizer)
+        reject_unknown_fields(request)
     assert info.value.field == "chat.messages[1]"
     assert "field number 9" in str(info.value)
 
@@ -126,3 +127,34 @@ def test_prompt_one_token_short_of_the_context_is_accepted(tokenizer):
     with pytest.raises(InvalidRequest) as info:
         check(build_request([1] * CONTEXT), tokenizer)
     assert info.value.field == "token_ids"
+
+
+@pytest.mark.parametrize("field", ["text", "chat"])
+def test_text_too_long_for_any_tokenization_is_refused_before_tokenizing(tokenizer, field):
+    limit = CONTEXT * tokenizer.max_token_chars
+    text = "ab" * 2_000_000  # 4 MB: tokenizing it would take seconds
+    request = build_request(text if field == "text" else [{"role": "user", "content": text}])
+    start = time.perf_counter()
+    with pytest.raises(InvalidRequest) as info:
+        check(request, tokenizer)
+    assert time.perf_counter() - start < 0.05
+    assert info.value.field == field
+    assert f"at most {limit} characters" in str(info.value)
+
+
+def test_text_at_the_character_bound_is_tokenized_and_judged_by_its_tokens(tokenizer):
+    limit = CONTEXT * tokenizer.max_token_chars
+    with pytest.raises(InvalidRequest) as info:
+        check(build_request("a" * limit), tokenizer)
+    assert "tokens" in str(info.value) and "characters" not in str(info.value)
+    assert len(check(build_request("a" * 10), tokenizer).prompt_token_ids) >= 1
+
+
+def test_the_character_bound_never_refuses_text_that_fits(tokenizer):
+    """The longest vocabulary entries, repeated: the densest text there is, one token each."""
+    vocab = tokenizer._backend.get_vocab(with_added_tokens=True)
+    longest = max(
+        (t for t in vocab if tokenizer.encode(t, add_special_tokens=False) == [vocab[t]]), key=len
+    )
+    text = longest * (CONTEXT - 2)
+    assert len(check(build_request(text), tokenizer).prompt_token_ids) < CONTEXT

@@ -94,15 +94,29 @@ def test_abort_while_the_reservation_travels_frees_both_sides(tiny_llama_dir):
     asyncio.run(scenario())
 
 
-def test_a_full_decode_pool_refuses_and_the_started_prompt_is_dropped(tiny_llama_dir):
+def test_a_full_decode_pool_queues_the_request_there_and_decodes_it_once_blocks_free(
+    tiny_llama_dir,
+):
+    expected = generate(make_engine(tiny_llama_dir), [PROMPT], PARAMS)[0]
+
     async def scenario():
         prefill, decode = await _services(tiny_llama_dir)
         # another transfer holds 60 of the 64 blocks
         other = tuple(range(3, 3 + 60 * 16 - 1))
         await decode._core.call(decode.engine.reserve, "other", other, PARAMS)
         result = await prefill.prefill(PrefillRequest("r", PROMPT, PARAMS, "decode-0"))
-        assert not result.ok and result.error_code == "RESOURCE_EXHAUSTED"
+        assert result.ok  # not refused: queued on the decode worker
+        prefill_status = await prefill.status()  # it dropped what it had computed
+        assert prefill_status.running == 0
+        assert prefill_status.free_blocks == prefill_status.total_blocks
+        await asyncio.sleep(0.2)
+        status = await decode.status()
+        # "r" waits for its blocks without starting (no compute, preempt, recompute churn)
+        assert status.waiting == 2 and status.running == 0  # "other" (reserved) and "r"
+        assert status.prompt_tokens_computed == 0
         await decode._core.call(decode.engine.abort, "other")
+        assert await _tokens(decode, "r") == expected
+        assert (await decode.status()).prompt_tokens_computed == len(PROMPT)
         assert await _idle(prefill, decode)
 
     asyncio.run(scenario())
