@@ -113,7 +113,9 @@ class DecodeGraphs:
         self._forward(bucket)
         torch.cuda.synchronize(self.kv_cache.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # NOTE: a worker's other threads (Ray, KV channels) may touch CUDA meanwhile; only this
+        # thread's calls must stay capturable.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._forward(bucket)
         if self._pool is None:
             self._pool = graph.pool()
