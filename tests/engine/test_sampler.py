@@ -10,7 +10,7 @@ import torch
 from scipy.stats import chisquare
 
 from pdserve.api.sampling import SamplingParams
-from pdserve.engine.sampler import apply_penalties, sample, uniforms
+from pdserve.engine.sampler import _filtered_probs, apply_penalties, sample, uniforms
 from pdserve.engine.sequence import Sequence
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
@@ -177,12 +177,18 @@ def test_greedy_batch_takes_the_argmax_without_sorting(monkeypatch):
 
 @pytest.mark.parametrize("temperature", [1e-310, 1e-30, 9.9e-6])
 def test_temperature_below_1e_5_decodes_greedily(temperature):
-    logits = LOGITS.repeat(4, 1)
+    # NOTE: 1e-310 is 0 in float32; dividing by it once made NaN probabilities, which drew
+    # token 0 whatever the logits said.
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(4)) * 2
     seqs = [_seq(SamplingParams(temperature=temperature), seed=s) for s in range(4)]
-    assert sample(logits, seqs)[0] == [0, 0, 0, 0]
+    assert sample(logits.repeat(4, 1), seqs)[0] == [int(logits.argmax())] * 4
 
 
 @pytest.mark.parametrize("top_p", [1e-300, 1e-45, 1e-9])
 def test_top_p_too_small_to_keep_a_token_keeps_the_most_likely_one(top_p):
-    seqs = [_seq(SamplingParams(temperature=1.0, top_p=top_p), [0] * (1 + i)) for i in range(50)]
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    probs, order = _filtered_probs(LOGITS.repeat(3, 1), [_seq(params)] * 3)
+    assert (probs > 0).sum(-1).tolist() == [1, 1, 1], "top_p cut every token"
+    assert order[:, 0].tolist() == [0, 0, 0]
+    seqs = [_seq(params, [0] * (1 + i)) for i in range(50)]
     assert set(sample(LOGITS.repeat(50, 1), seqs)[0]) == {0}
