@@ -10,11 +10,14 @@ from typing import Any
 
 from pdserve.api.errors import InvalidRequest
 
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this decode greedily (as vLLM's), so 1/temperature never overflows."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What to generate. Greedy unless a temperature > 0 is given; these defaults are the
-    same at every door (gRPC, `pdserve generate`, the Python client).
+    """What to generate. Greedy unless a temperature of at least `GREEDY_TEMPERATURE` is given;
+    these defaults are the same at every door (gRPC, `pdserve generate`, the Python client).
 
     `seed` makes sampling reproducible: the randomness of the token at absolute position p
     depends only on (seed, p), so a request resumed from its prompt plus the tokens it already
@@ -57,7 +60,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def uses_penalties(self) -> bool:

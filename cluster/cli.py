@@ -14,6 +14,7 @@ from pdserve import __version__
 from pdserve.api.errors import PdserveError
 from pdserve.api.sampling import SamplingParams
 from pdserve.cluster.config import DEVICES, DTYPES, ClusterConfig
+from pdserve.cluster.model_shapes import SHAPES
 from pdserve.router.logs import install as install_request_logs
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -393,14 +394,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = command("bench-engine", "throughput of one in-process engine")
-    p.add_argument("--model", required=True, help="model folder (required)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="model folder (no default: this or --shape is required)")
+    which.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        help="a random model of this shape, built on --device (no default: this or --model)",
+    )
     p.add_argument("--batch", type=int, default=32, help="prompts in the batch")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and KV dtype")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where the engine runs")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
+    p.add_argument(
+        "--compare-hf",
+        action="store_true",
+        help="also run transformers on the same device (CUDA: static cache + torch.compile)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay decode steps from CUDA graphs (CUDA only)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.set_defaults(func=cmd_bench_engine)
 

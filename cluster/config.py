@@ -97,6 +97,7 @@ class ClusterConfig:
     block_size: int = 16
     threads_per_worker: int = 1
     prefix_caching: bool = True  # reuse cached prompt blocks on every worker
+    cuda_graphs: bool = True  # decode workers replay decode steps from CUDA graphs (CUDA)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     prefill: PrefillConfig = field(default_factory=PrefillConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)

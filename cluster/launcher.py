@@ -93,6 +93,7 @@ def _engine_config(config: ClusterConfig, role: str) -> EngineConfig:
             config.prefill.token_budget if prefill else config.decode.token_budget
         ),
         enable_prefix_cache=config.prefix_caching,
+        cuda_graphs=config.cuda_graphs and not prefill,
     )
 
 

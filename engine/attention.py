@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from pdserve.engine.dense_kv import DenseView
 from pdserve.kernels import decode_attention, prefill_attention, write_kv_cache
 
 
@@ -16,7 +18,11 @@ class AttentionBatch:
     NOTE: the first `num_decode` tokens belong to `num_decode` sequences that each add one
     token; the remaining tokens are prefill chunks, ragged by `prefill_cu_seqlens_q`. Every
     token's K/V is written to its slot before attention runs, so attention reads the cached
-    prefix and the new tokens alike from the paged pool.
+    prefix and the new tokens alike from the paged pool. With `dense` (CPU), decode tokens
+    also go to the dense mirror, and decode attention reads the mirror instead of the pool.
+    `fresh_prefill_lens` (CPU) lists the prefill chunks' lengths when none has a cached
+    prefix: every key is then among this step's own tokens, and prefill attention reads
+    them from `k` and `v` instead of the pool.
     """
 
     slot_mapping: torch.Tensor
@@ -26,6 +32,8 @@ class AttentionBatch:
     prefill_block_tables: torch.Tensor
     prefill_cu_seqlens_q: torch.Tensor
     prefill_seq_lens: torch.Tensor
+    dense: DenseView | None = None
+    fresh_prefill_lens: tuple[int, ...] | None = None
 
     @property
     def has_prefill(self) -> bool:
@@ -44,21 +52,96 @@ def paged_attention(
     write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
     nd = batch.num_decode
     if not batch.has_prefill:
+        return _decode(q, k, v, k_cache, v_cache, batch, scale)
+    if batch.fresh_prefill_lens is not None:
+        prefill_out = _fresh_prefill(q[nd:], k[nd:], v[nd:], batch.fresh_prefill_lens, scale)
+    else:
+        prefill_out = prefill_attention(
+            q[nd:],
+            k_cache,
+            v_cache,
+            batch.prefill_block_tables,
+            batch.prefill_cu_seqlens_q,
+            batch.prefill_seq_lens,
+            scale,
+        )
+    if nd == 0:
+        return prefill_out
+    decode_out = _decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, batch, scale)
+    return torch.cat([decode_out, prefill_out])
+
+
+def _decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:
+    if batch.dense is None:
         return decode_attention(
             q, k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, scale
         )
-    prefill_out = prefill_attention(
-        q[nd:],
-        k_cache,
-        v_cache,
-        batch.prefill_block_tables,
-        batch.prefill_cu_seqlens_q,
-        batch.prefill_seq_lens,
-        scale,
+    return _dense_decode(q, k, v, k_cache, batch.dense, scale)
+
+
+def _dense_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    view: DenseView,
+    scale: float,
+) -> torch.Tensor:
+    """Writes the decode tokens' K/V into the mirror, then attends over its rows in place."""
+    keys, values = view.mirror.layer(k_cache)
+    keys[view.slots, :, view.positions] = k.to(keys.dtype)
+    values[view.slots, :, view.positions] = v.to(values.dtype)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, n = keys.shape[1], view.max_len
+    if view.order is not None:
+        q = q.index_select(0, view.order)
+    # The query heads of one KV head form the "query length" axis of that KV head.
+    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        qg,
+        keys[:batch, :, :n].float(),
+        values[:batch, :, :n].float(),
+        attn_mask=view.mask,
+        scale=scale,
     )
-    if nd == 0:
-        return prefill_out
-    decode_out = decode_attention(
-        q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, scale
-    )
-    return torch.cat([decode_out, prefill_out])
+    out = out.reshape(batch, num_heads, head_dim).to(q.dtype)
+    return out if view.order is None else out.index_select(0, view.slots)
+
+
+def _fresh_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], scale: float
+) -> torch.Tensor:
+    """Causal attention of prompts with no cached prefix, over their own keys and values: one
+    SDPA call when the prompts are of one length, else one per prompt."""
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k.shape[1]
+
+    def heads_first(x: torch.Tensor, n: int, length: int, h: int) -> torch.Tensor:
+        return x.float().view(n, length, h, head_dim).transpose(1, 2)
+
+    def attend(start: int, n: int, length: int) -> torch.Tensor:
+        end = start + n * length
+        out = F.scaled_dot_product_attention(
+            heads_first(q[start:end], n, length, num_heads),
+            heads_first(k[start:end], n, length, num_kv_heads),
+            heads_first(v[start:end], n, length, num_kv_heads),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2).reshape(n * length, num_heads, head_dim).to(q.dtype)
+
+    if len(set(lengths)) == 1:
+        return attend(0, len(lengths), lengths[0])
+    starts = [0]
+    for length in lengths[:-1]:
+        starts.append(starts[-1] + length)
+    return torch.cat([attend(start, 1, length) for start, length in zip(starts, lengths)])

@@ -101,6 +101,8 @@ class EngineConfig:
     memory on CUDA, RAM on CPU). `max_num_batched_tokens` is the
     token budget of one step (decode tokens plus prefill chunks). `enable_prefix_cache=False`
     computes every prompt from scratch (the baseline that cache hits must equal).
+    `cuda_graphs` replays decode-only steps from captured CUDA graphs on CUDA (off to debug;
+    ignored on CPU).
     """
 
     model: str
@@ -113,6 +115,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None
     enable_prefix_cache: bool = True
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -152,7 +152,14 @@ class LLMEngine:
             model_salt(config.model, config.dtype, config.block_size),
             config.enable_prefix_cache,
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size)
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_cache,
+            config.block_size,
+            config.max_num_seqs,
+            self.max_model_len,
+            config.cuda_graphs,
+        )
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._requests_total = 0

@@ -1,35 +1,72 @@
 """Builds one step's input tensors from the scheduled sequences and runs the model once.
 
-In a tensor-parallel worker rank 0 builds them and hands them to the other ranks, which
-`follow()` each step with their shard."""
+Inputs are built with numpy from a few per-sequence numbers (never a Python list per token)
+and reach the device in one copy: on CUDA from one pinned staging buffer, `non_blocking`. A
+decode-only step on CUDA replays a captured CUDA graph (`engine/cuda_graphs.py`); on CPU,
+decode attention reads the dense mirror of the running batch's KV (`engine/dense_kv.py`).
+
+In a tensor-parallel worker rank 0 builds the inputs and hands them to the other ranks, which
+`follow()` each step with their shard.
+"""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from pdserve.engine.attention import AttentionBatch
+from pdserve.engine.cuda_graphs import DecodeGraphs
+from pdserve.engine.dense_kv import DenseKV
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.engine.step_broadcast import StepInputs, recv, send_step
+from pdserve.kernels import use_triton
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        max_num_seqs: int = 256,
+        max_model_len: int = 2048,
+        cuda_graphs: bool = True,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
         self.tp: TPGroup = model.tp
+        # The dense mirror and fresh-prompt attention serve the torch path (CPU); the Triton
+        # kernels read paged blocks in place. NOTE: both, and CUDA graphs, need per-sequence
+        # state that only rank 0 has (the other ranks see index tensors), so a TP > 1 worker
+        # runs the plain paths on every rank.
+        single = self.tp.size == 1
+        self._torch_path = single and not use_triton(kv_cache)
+        self.dense = (
+            DenseKV(kv_cache, kv_cache.numel() * kv_cache.element_size())
+            if self._torch_path
+            else None
+        )
+        self._staging = _PinnedStaging(self.device) if self.device.type == "cuda" else None
+        self.graphs = (
+            DecodeGraphs(model, kv_cache, block_size, max_num_seqs, max_model_len)
+            if single and cuda_graphs and self.device.type == "cuda"
+            else None
+        )
 
     @torch.inference_mode()
     def run(
         self, scheduled: list[ScheduledSeq], on_layer_kv: Callable[[int], None] | None = None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """One forward call over the whole ragged batch (decode sequences first); returns the
-        float32 logits of the sequences that sample this step, in scheduled order."""
+        float32 logits of the sequences that sample this step, in scheduled order (None on
+        ranks other than 0)."""
         inputs = self.prepare(scheduled)
         if self.tp.size > 1:
             send_step(self.tp, inputs)
@@ -48,56 +85,112 @@ class ModelRunner:
     def _forward(
         self, inputs: StepInputs, on_layer_kv: Callable[[int], None] | None
     ) -> torch.Tensor | None:
-        input_ids, positions, batch, sample_idx = inputs
-        hidden = self.model(input_ids, positions, batch, self.kv_cache, on_layer_kv)
-        return self.model.compute_logits(hidden[sample_idx])
+        batch = inputs.batch
+        try:
+            if self.graphs is not None and on_layer_kv is None and self.graphs.fits(batch):
+                hidden = self.graphs.run(inputs.input_ids, inputs.positions, batch)
+                return self.model.compute_logits(hidden)
+            hidden = self.model(
+                inputs.input_ids, inputs.positions, batch, self.kv_cache, on_layer_kv
+            )
+        except BaseException:
+            if self.dense is not None:
+                self.dense.clear()  # rows may hold this step's half-written tokens
+            raise
+        if inputs.sample_idx.numel() == hidden.shape[0]:  # every token samples: no gather
+            return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden[inputs.sample_idx])
 
-    def prepare(
-        self, scheduled: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]:
+    def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
         bs = self.block_size
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_idx: list[int] = []
-        num_decode = 0
-        cu_q = [0]
-        for item in scheduled:
-            seq, start = item.seq, item.seq.num_computed
-            end = start + item.num_tokens
-            tokens += seq.token_ids[start:end]
-            positions += range(start, end)
-            blocks = seq.block_ids
-            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
-            if item.num_tokens == 1:
-                num_decode += 1
-            else:
-                cu_q.append(cu_q[-1] + item.num_tokens)
-            if item.samples:
-                sample_idx.append(len(tokens) - 1)
-        dev = self.device
-        decode, prefill = scheduled[:num_decode], scheduled[num_decode:]
+        n = len(scheduled)
+        seqs = [item.seq for item in scheduled]
+        counts = np.fromiter((item.num_tokens for item in scheduled), np.int64, n)
+        starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
+        num_decode = int(np.count_nonzero(counts == 1))
+        cu = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=cu[1:])
+        total = int(cu[-1])
+        if num_decode == n:
+            tokens = np.fromiter(
+                (s.token_ids[p] for s, p in zip(seqs, starts.tolist())), np.int64, n
+            )
+            positions = starts
+            row = np.arange(n)
+        else:
+            tokens = np.fromiter(
+                itertools.chain.from_iterable(
+                    s.token_ids[p : p + c]
+                    for s, p, c in zip(seqs, starts.tolist(), counts.tolist())
+                ),
+                np.int64,
+                total,
+            )
+            row = np.repeat(np.arange(n), counts)
+            positions = starts[row] + np.arange(total) - cu[:-1][row]
+        ends = starts + counts
+        num_blocks = -(-ends // bs)
+        table = np.zeros((n, int(num_blocks.max())), np.int32)
+        for r, s in enumerate(seqs):
+            table[r, : num_blocks[r]] = s.block_ids[: num_blocks[r]]
+        slots = table[row, positions // bs].astype(np.int64) * bs + positions % bs
+        samples = np.fromiter((item.samples for item in scheduled), bool, n)
+        sample_idx = cu[1:][samples] - 1
+        nd = num_decode
+        width_d = int(num_blocks[:nd].max()) if nd else 0
+        width_p = int(num_blocks[nd:].max()) if nd < n else 0
+        arrays = {
+            "input_ids": tokens,
+            "positions": positions,
+            "slot_mapping": slots,
+            "sample_idx": sample_idx,
+            "decode_block_tables": np.ascontiguousarray(table[:nd, :width_d]),
+            "decode_seq_lens": ends[:nd].astype(np.int32),
+            "prefill_block_tables": np.ascontiguousarray(table[nd:, :width_p]),
+            "prefill_cu_seqlens_q": (cu[nd:] - cu[nd]).astype(np.int32),
+            "prefill_seq_lens": ends[nd:].astype(np.int32),
+        }
+        t = self._staging.upload(arrays) if self._staging else _from_numpy(arrays)
+        dense = self.dense.plan(seqs[:nd]) if self.dense is not None else None
+        fresh = self._torch_path and nd < n and not starts[nd:].any()
+        fresh_lens = tuple(counts[nd:].tolist()) if fresh else None
         batch = AttentionBatch(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode=num_decode,
-            decode_block_tables=self._block_table(decode),
-            decode_seq_lens=self._seq_lens(decode),
-            prefill_block_tables=self._block_table(prefill),
-            prefill_cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=dev),
-            prefill_seq_lens=self._seq_lens(prefill),
+            slot_mapping=t["slot_mapping"],
+            num_decode=nd,
+            decode_block_tables=t["decode_block_tables"],
+            decode_seq_lens=t["decode_seq_lens"],
+            prefill_block_tables=t["prefill_block_tables"],
+            prefill_cu_seqlens_q=t["prefill_cu_seqlens_q"],
+            prefill_seq_lens=t["prefill_seq_lens"],
+            dense=dense,
+            fresh_prefill_lens=fresh_lens,
         )
-        return (
-            torch.tensor(tokens, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            batch,
-            torch.tensor(sample_idx, dtype=torch.long, device=dev),
-        )
+        return StepInputs(t["input_ids"], t["positions"], batch, t["sample_idx"])
 
-    def _block_table(self, items: list[ScheduledSeq]) -> torch.Tensor:
-        width = max((len(i.seq.block_ids) for i in items), default=0)
-        rows = [i.seq.block_ids + [0] * (width - len(i.seq.block_ids)) for i in items]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device).view(len(items), width)
 
-    def _seq_lens(self, items: list[ScheduledSeq]) -> torch.Tensor:
-        lens = [i.seq.num_computed + i.num_tokens for i in items]
-        return torch.tensor(lens, dtype=torch.int32, device=self.device)
+def _from_numpy(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(a) for name, a in arrays.items()}
+
+
+class _PinnedStaging:
+    """Stages a step's inputs in one pinned host buffer and sends them in one `non_blocking`
+    copy; the int32 inputs are narrowed on the device.
+
+    NOTE: a fresh pinned buffer per step is cheap (torch's caching host allocator hands back
+    one whose earlier copy has completed), and the host never waits for the copy: it is
+    ordered on the stream before the kernels that read it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        sizes = [a.size for a in arrays.values()]
+        host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=True)
+        np.concatenate([a.reshape(-1) for a in arrays.values()], out=host.numpy())
+        dev = host.to(self.device, non_blocking=True)
+        out = {}
+        for (name, a), chunk in zip(arrays.items(), dev.split(sizes)):
+            t = chunk.view(a.shape)
+            out[name] = t if a.dtype == np.int64 else t.to(torch.int32)
+        return out

@@ -2,20 +2,26 @@
 
 Randomness: the token at absolute position p of a sequence with seed s is the winner of an
 exponential race (equivalent to the Gumbel-max trick): argmax over tokens t of prob(t) / E(t),
-where E(t) ~ Exp(1) is drawn from a hash of (s, p, t) alone. Nothing else feeds the draw, so a
-batch's composition never changes a sequence's tokens, and a request resumed from (prompt,
-generated tokens, seed) continues exactly as the uninterrupted one would have.
+where E(t) ~ Exp(1) is drawn from a hash of (s, p, t) alone. Nothing else feeds the draw, and
+every operation below works row by row, so a batch's composition never changes a sequence's
+tokens, and a request resumed from (prompt, generated tokens, seed) continues exactly as the
+uninterrupted one would have.
 
 NOTE: a resumed request recomputes its KV, which moves logits in the last bits. Inverse
 transform sampling (one uniform against the cumulative distribution) flips a token whenever the
 uniform falls that close to one of the vocabulary's boundaries: 3 of 18 resumed 200-token runs
 of the tiny model diverged. The race flips only when its two leaders tie that closely: none did.
+
+The step is vectorized over the batch (one tensor op per stage, never a loop per row over
+the vocabulary), and the only host sync is reading the sampled tokens. A batch with no
+sampled rows and no penalties takes the argmax of the logits as they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
+import numpy as np
 import torch
 
 from pdserve.api.messages import TokenLogprobs
@@ -55,25 +61,45 @@ def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     return -torch.log((x.to(torch.float64) + 0.5) * (1.0 / (1 << 32)))
 
 
+def _row_values(seqs: Seq[Sequence], name: str, device: torch.device) -> torch.Tensor:
+    values = np.fromiter((getattr(s.params, name) for s in seqs), np.float32, len(seqs))
+    return torch.from_numpy(values).to(device)
+
+
+def _token_pairs(
+    token_lists: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token id) of every token of every row, as two index tensors."""
+    lengths = np.fromiter(map(len, token_lists), np.int64, len(token_lists))
+    tokens = np.fromiter(
+        (t for tokens in token_lists for t in tokens), np.int64, int(lengths.sum())
+    )
+    rows = np.repeat(np.arange(len(token_lists)), lengths)
+    return torch.from_numpy(rows).to(device), torch.from_numpy(tokens).to(device)
+
+
 def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     """Repetition penalty over prompt and output (Hugging Face's rule: divide positive logits,
     multiply negative ones); presence and frequency penalties over the output only (OpenAI's
-    rule). Modifies and returns `logits` for the rows whose parameters ask for it."""
-    vocab = logits.shape[-1]
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if not p.uses_penalties:
-            continue
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
-            vals = logits[row, seen]
-            logits[row, seen] = torch.where(
-                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
-            )
-        if (p.presence_penalty or p.frequency_penalty) and seq.num_output:
-            out = torch.tensor(seq.output_ids, dtype=torch.long, device=logits.device)
-            counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
-            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    rule). Modifies and returns `logits` (`[len(seqs), vocab]`); a row whose parameters are
+    neutral is left as it was."""
+    dev = logits.device
+    rows = [i for i, s in enumerate(seqs) if s.params.uses_penalties]
+    if not rows:
+        return logits
+    sub = [seqs[i] for i in rows]
+    x = logits[rows]
+    penalty = _row_values(sub, "repetition_penalty", dev)[:, None]
+    seen = torch.zeros_like(x, dtype=torch.bool)
+    seen[_token_pairs([s.token_ids for s in sub], dev)] = True
+    x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+    counts = torch.zeros_like(x)
+    pairs = _token_pairs([s.output_ids for s in sub], dev)
+    counts.index_put_(pairs, torch.ones(pairs[0].numel(), device=dev), accumulate=True)
+    frequency = _row_values(sub, "frequency_penalty", dev)[:, None]
+    presence = _row_values(sub, "presence_penalty", dev)[:, None]
+    x -= frequency * counts + presence * (counts > 0)
+    logits[rows] = x
     return logits
 
 
@@ -81,19 +107,20 @@ def _filtered_probs(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[torch.Te
     """Probabilities sorted in descending order with top-k/top-p/min-p cut to zero, and the
     token id of each sorted column."""
     dev = logits.device
-    temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev)
-    probs = torch.softmax(logits / temps[:, None], dim=-1)
+    probs = torch.softmax(logits / _row_values(seqs, "temperature", dev)[:, None], dim=-1)
     probs, order = probs.sort(dim=-1, descending=True, stable=True)
     vocab = probs.shape[-1]
-    top_k = torch.tensor([s.params.top_k or vocab for s in seqs], device=dev)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
+    top_k = torch.from_numpy(
+        np.fromiter((s.params.top_k or vocab for s in seqs), np.int64, len(seqs))
+    ).to(dev)
     rank = torch.arange(vocab, device=dev)
     cut = rank[None, :] >= top_k[:, None]
-    # NOTE: a token is kept while the mass before it is below top_p, so the most likely token
-    # always survives and the kept set is the smallest whose mass reaches top_p.
-    cut |= (probs.cumsum(-1) - probs) >= top_p[:, None]
-    cut |= probs < min_p[:, None] * probs[:, :1]
+    # NOTE: a token is kept while the mass before it is below top_p, so the kept set is the
+    # smallest whose mass reaches top_p. The most likely token is always kept: a top_p that
+    # rounds to 0 in float32 (1e-300) would otherwise cut every token.
+    cut |= (probs.cumsum(-1) - probs) >= _row_values(seqs, "top_p", dev)[:, None]
+    cut |= probs < _row_values(seqs, "min_p", dev)[:, None] * probs[:, :1]
+    cut[:, 0] = False
     return probs.masked_fill(cut, 0.0), order
 
 
@@ -112,11 +139,11 @@ def sample(
     if sampled_rows:
         sub = [seqs[i] for i in sampled_rows]
         probs, order = _filtered_probs(logits[sampled_rows], sub)
-        keys = torch.tensor([draw_key(s.seed, s.num_tokens) for s in sub], device=probs.device)
+        keys = np.fromiter((draw_key(s.seed, s.num_tokens) for s in sub), np.int64, len(sub))
         # NOTE: the noise follows the token id, not the sorted rank, so two near-equal tokens
         # that swap ranks keep their own noise.
-        noise = exponential_noise(keys, probs.shape[-1]).gather(1, order)
-        pick = (probs.to(torch.float64) / noise).argmax(dim=-1, keepdim=True)
+        noise = exponential_noise(torch.from_numpy(keys).to(probs.device), probs.shape[-1])
+        pick = (probs.to(torch.float64) / noise.gather(1, order)).argmax(dim=-1, keepdim=True)
         tokens[sampled_rows] = order.gather(1, pick).squeeze(1)
     token_list = tokens.tolist()
     return token_list, _logprobs(raw, seqs, token_list)

@@ -8,12 +8,21 @@ steps, so that the other ranks see them in the order rank 0 made them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from pdserve.engine.attention import AttentionBatch
 from pdserve.engine.parallel import TPGroup
 
-StepInputs = tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]
+
+class StepInputs(NamedTuple):
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    batch: AttentionBatch
+    sample_idx: torch.Tensor
+
+
 # kind, then for a step: tokens, decode seqs, decode table width, prefill seqs, prefill table
 # width, samples; for orders: their byte length
 _HEADER_LEN = 7
@@ -67,4 +76,4 @@ def recv(tp: TPGroup, device: torch.device) -> StepInputs | bytes:
         prefill_cu_seqlens_q=cu.to(i32),
         prefill_seq_lens=plens.to(i32),
     )
-    return ids, pos, batch, sample
+    return StepInputs(ids, pos, batch, sample)

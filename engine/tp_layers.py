@@ -22,6 +22,7 @@ from torch import nn
 from pdserve.api.errors import ModelLoadError
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.weights import LazyTensor
+from pdserve.kernels import linear
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param(sum(self.sizes), **kw) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def load(self, part: str, src: LazyTensor, bias: bool = False) -> None:
         p, off = self._parts[part]
@@ -89,7 +90,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _param(out_features, len(part.owned), dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(linear(x, self.weight))
 
     def load(self, src: LazyTensor) -> None:
         copy_weight(self.weight, src, cols=self.part)
@@ -140,7 +141,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """float32 logits `[T, vocab]` on rank 0; None on the other ranks."""
-        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.tp.gather_last_dim(linear(hidden, self.weight))
         return None if logits is None else logits[..., : self.vocab_size].float()
 
     def load(self, src: LazyTensor) -> None:

@@ -3,12 +3,14 @@
 from pdserve.kernels._triton import use_triton
 from pdserve.kernels.decode_attention import decode_attention
 from pdserve.kernels.kv_cache import write_kv_cache
+from pdserve.kernels.linear import linear
 from pdserve.kernels.prefill_attention import prefill_attention
 from pdserve.kernels.rms_norm import rms_norm
 from pdserve.kernels.rotary import rope_cos_sin_cache, rotary_embedding
 
 __all__ = [
     "decode_attention",
+    "linear",
     "prefill_attention",
     "rms_norm",
     "rope_cos_sin_cache",

@@ -59,11 +59,36 @@ def _prepare_interpreter() -> None:
 
 
 class lazy_jit:  # noqa: N801 - used as a decorator, like triton.jit
-    """``triton.jit`` applied at the first launch instead of at import."""
+    """``triton.jit`` applied at the first launch instead of at import.
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    With ``autotune`` (a function returning ``triton.Config``s) and ``key`` (argument names),
+    a kernel compiled for a GPU is autotuned over those configs (those ``prune(configs,
+    named_args)`` keeps), once per key and dtypes;
+    under the interpreter it is not, and the launcher passes its own tiles
+    (``autotunes()`` says which).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        autotune: Callable[[], list[Any]] | None = None,
+        prune: Callable[..., list[Any]] | None = None,
+        key: tuple[str, ...] = (),
+    ) -> None:
         self.fn = fn
+        self._autotune = autotune
+        self._prune = prune
+        self._key = list(key)
         self._jitted: Any = None
+
+    def __call__(self, fn: Callable[..., Any]) -> lazy_jit:
+        """``@lazy_jit(autotune=..., key=...)`` form."""
+        self.fn = fn
+        return self
+
+    def autotunes(self) -> bool:
+        return self._autotune is not None and not _interpreting()
 
     def __getitem__(self, grid: Any) -> Any:
         if self._jitted is None:
@@ -72,4 +97,9 @@ class lazy_jit:  # noqa: N801 - used as a decorator, like triton.jit
             if _interpreting():
                 _prepare_interpreter()
             self._jitted = triton.jit(self.fn)
+            if self.autotunes():
+                prune = {"early_config_prune": self._prune} if self._prune else None
+                self._jitted = triton.autotune(
+                    configs=self._autotune(), key=self._key, prune_configs_by=prune
+                )(self._jitted)
         return self._jitted[grid]

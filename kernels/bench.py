@@ -4,7 +4,7 @@ Prefill: TFLOP/s of the paged Triton flash-attention beside SDPA's flash backend
 head dim 128, bf16). Decode: achieved bandwidth (KV bytes read / time) of flash-decoding
 beside the device's peak memory bandwidth.
 
-    python -m pdserve.kernels.bench [--json OUT]
+    python -m pdserve.kernels.bench [--json OUT] [--prefill-lengths 4096 8192 16384] [--no-decode]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ PEAK_BANDWIDTH = [
 ]
 
 
-def _peak_bandwidth(name: str) -> float | None:
+def peak_bandwidth(name: str) -> float | None:
     return next((peak for key, peak in PEAK_BANDWIDTH if key in name), None)
 
 
@@ -147,24 +147,34 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="OUT", help="also write the results to this file")
+    parser.add_argument(
+        "--prefill-lengths",
+        type=int,
+        nargs="*",
+        default=PREFILL_LENGTHS,
+        help="prefill sequence lengths to time (none: skip prefill)",
+    )
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or triton is None:
         print("pdserve.kernels.bench needs a CUDA device and triton.", file=sys.stderr)
         return 2
 
     name = torch.cuda.get_device_name()
-    peak = _peak_bandwidth(name)
-    prefill = [bench_prefill(n) for n in PREFILL_LENGTHS]
+    peak = peak_bandwidth(name)
+    prefill = [bench_prefill(n) for n in args.prefill_lengths]
     decode = []
-    for context in DECODE_CONTEXTS:
+    for context in [] if args.no_decode else DECODE_CONTEXTS:
         for batch in DECODE_BATCHES:
             if _decode_fits(batch, context):
                 decode.append(bench_decode(batch, context, peak))
             torch.cuda.empty_cache()
 
     print(f"device: {name}, peak bandwidth: {peak / 1e12 if peak else 'unknown'} TB/s")
-    _print_table("prefill (causal, bf16, head dim 128, 32 q / 8 kv heads)", prefill)
-    _print_table("decode (bf16, head dim 128, 32 q / 8 kv heads, block 16)", decode)
+    if prefill:
+        _print_table("prefill (causal, bf16, head dim 128, 32 q / 8 kv heads)", prefill)
+    if decode:
+        _print_table("decode (bf16, head dim 128, 32 q / 8 kv heads, block 16)", decode)
     if args.json:
         result = {
             "date": datetime.date.today().isoformat(),

@@ -72,7 +72,6 @@ def _decode_attention_kernel(
     num_heads,
     head_dim,
     group,
-    split_len,
     num_splits,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -84,12 +83,16 @@ def _decode_attention_kernel(
 
     The ``group`` query heads of the KV head are the rows of one ``tl.dot`` (padded to
     BLOCK_G >= 16), so every KV byte is read once. Writes the split's normalized output
-    and its log-sum-exp (base 2) for the reduction kernel.
+    and its log-sum-exp (base 2) for the reduction kernel. Each sequence divides its own
+    length into ``num_splits`` ranges (whole BLOCK_N tiles), so a short sequence in a batch
+    planned for a long one (or in a CUDA graph planned for the longest context) still spreads
+    over all its programs.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     if start >= seq_len:
         return
@@ -154,15 +157,16 @@ def _decode_reduce_kernel(
     stride_oh,
     num_heads,
     head_dim,
-    split_len,
     num_splits,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One program: one query head of one sequence; merges its splits by their LSE."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s * split_len < seq_len
@@ -216,9 +220,9 @@ def decode_attention_triton(
 ) -> torch.Tensor:
     """Flash-decoding: split-KV attention programs, then a reduction over the splits.
 
-    NOTE: the split plan comes from the block table's width, not from ``seq_lens``, so
-    nothing waits on the device; the engine should size the table to the batch's longest
-    sequence. ``num_splits`` overrides the plan (tests use it to force several splits).
+    NOTE: the number of splits comes from the block table's width, not from ``seq_lens``,
+    so nothing waits on the device; each sequence then splits its own length that many
+    ways. ``num_splits`` overrides the plan (tests use it to force several splits).
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -232,8 +236,8 @@ def decode_attention_triton(
     block_n = config["BLOCK_N"]
     max_len = block_tables.shape[1] * block_size
     num_splits = num_splits or _num_splits(q, num_kv_heads, max_len)
-    split_len = cdiv(cdiv(max_len, num_splits), block_n) * block_n
-    num_splits = cdiv(max_len, split_len)
+    # Programs past the last split of the longest possible sequence would always exit.
+    num_splits = cdiv(max_len, cdiv(cdiv(max_len, num_splits), block_n) * block_n)
     part_out = torch.empty(
         batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
     )
@@ -256,7 +260,6 @@ def decode_attention_triton(
         num_heads,
         head_dim,
         group,
-        split_len,
         num_splits,
         BLOCK_G=max(16, next_pow2(group)),
         BLOCK_D=next_pow2(head_dim),
@@ -273,10 +276,10 @@ def decode_attention_triton(
         out.stride(1),
         num_heads,
         head_dim,
-        split_len,
         num_splits,
         BLOCK_S=next_pow2(num_splits),
         BLOCK_D=next_pow2(head_dim),
+        BLOCK_N=block_n,
     )
     return out
 

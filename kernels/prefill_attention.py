@@ -57,7 +57,41 @@ def prefill_attention_ref(
     return out
 
 
-@lazy_jit
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) to autotune over on a GPU, by padded head dim.
+# NOTE: each list starts with the fixed config of 2026-11-29 (0.72-0.86x SDPA flash on an H200
+# at head dim 128), so tuning never picks worse; none spills registers at sm_90
+# (tests/kernels/compile_for_h100.py: at head dim 128, 128x64 with 4 warps spills 456 bytes,
+# 64x128 with 4 warps 160).
+GPU_TILES = {
+    64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
+}
+
+
+def gpu_tiles(head_dim: int) -> list[tuple[int, int, int, int]]:
+    return GPU_TILES[64 if next_pow2(head_dim) <= 64 else 128]
+
+
+def _gpu_configs() -> list:
+    from pdserve.kernels._triton import triton
+
+    tiles = sorted({t for ts in GPU_TILES.values() for t in ts})
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+        for m, n, w, st in tiles
+    ]
+
+
+def _tiles_for_head_dim(configs: list, named_args: dict, **kwargs) -> list:
+    wanted = set(gpu_tiles(named_args["head_dim"]))
+    return [
+        c
+        for c in configs
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted
+    ]
+
+
+@lazy_jit(autotune=_gpu_configs, prune=_tiles_for_head_dim, key=("head_dim",))
 def _prefill_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -75,7 +109,7 @@ def _prefill_attention_kernel(
     stride_ch,
     stride_cs,
     stride_bt,
-    num_q_blocks,
+    max_q_len,
     head_dim,
     group,
     BLOCK_M: tl.constexpr,
@@ -90,7 +124,7 @@ def _prefill_attention_kernel(
     """
     head = tl.program_id(0)
     # NOTE: the last query tiles see the most keys; launching them first balances the tail.
-    m_block = num_q_blocks - 1 - tl.program_id(1)
+    m_block = tl.cdiv(max_q_len, BLOCK_M) - 1 - tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(cu_seqlens_ptr + seq)
     q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
@@ -153,12 +187,10 @@ def _prefill_attention_kernel(
     )
 
 
-def launch_config(head_dim: int, on_gpu: bool) -> dict[str, int]:
-    """Tiles and warps: sized for H100 on a GPU (no register spills at sm_90), small for the
-    interpreter, whose cost grows with programs x loop steps."""
-    if not on_gpu:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 3}
+def launch_config() -> dict[str, int]:
+    """Tiles and warps for the interpreter, whose cost grows with programs x loop steps (on a
+    GPU the kernel is autotuned over `_gpu_configs`)."""
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
 def prefill_attention_triton(
@@ -177,10 +209,13 @@ def prefill_attention_triton(
         return out
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     q = q if q.stride(-1) == 1 else q.contiguous()
-    config = launch_config(head_dim, q.is_cuda)
     max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    num_q_blocks = cdiv(max_q_len, config["BLOCK_M"])
-    _prefill_attention_kernel[(num_heads, num_q_blocks, batch)](
+    config = {} if _prefill_attention_kernel.autotunes() else launch_config()
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (num_heads, cdiv(max_q_len, meta["BLOCK_M"]), batch)
+
+    _prefill_attention_kernel[grid](
         q,
         k_cache,
         v_cache,
@@ -197,7 +232,7 @@ def prefill_attention_triton(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
-        num_q_blocks,
+        max_q_len,
         head_dim,
         num_heads // k_cache.shape[1],
         BLOCK_D=next_pow2(head_dim),

@@ -74,3 +74,26 @@ def test_sampled_tokens_do_not_depend_on_batch_composition(tiny_llama_dir):
     alone = generate(make_engine(tiny_llama_dir), prompts[:1], params)[0]
     together = generate(make_engine(tiny_llama_dir), prompts, params)[0]
     assert together == alone
+
+
+def test_seeded_penalised_request_gives_the_same_tokens_alone_and_inside_32_others(
+    tiny_llama_dir,
+):
+    params = SamplingParams(
+        max_tokens=40,
+        temperature=0.8,
+        top_p=0.95,
+        seed=7,
+        repetition_penalty=1.3,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        ignore_eos=True,
+    )
+    others = SamplingParams(max_tokens=40, temperature=1.0, seed=3, frequency_penalty=1.0)
+    prompts = _prompts(33)
+    alone = generate(make_engine(tiny_llama_dir), prompts[:1], params)[0]
+    engine = make_engine(tiny_llama_dir, num_blocks=1024, max_num_batched_tokens=512)
+    for i, prompt in enumerate(prompts[1:]):
+        engine.add_request(f"other{i}", prompt, others)
+    engine.add_request("penalised", prompts[0], params)
+    assert run_all(engine)["penalised"] == alone

@@ -10,7 +10,7 @@ import torch
 from scipy.stats import chisquare
 
 from pdserve.api.sampling import SamplingParams
-from pdserve.engine.sampler import apply_penalties, sample
+from pdserve.engine.sampler import _filtered_probs, apply_penalties, sample
 from pdserve.engine.sequence import Sequence
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
@@ -121,3 +121,68 @@ def test_greedy_ignores_seed_and_picks_argmax():
         [_seq(SamplingParams(temperature=0.0)), _seq(SamplingParams(temperature=0.0), seed=9)],
     )
     assert tokens == [0, 0] and lps == [None, None]
+
+
+# Tokens that the per-row sampler (the exponential race before it was vectorized, at the merge
+# of issues 10 and 12) drew for the rows built by `_mixed_batch`: greedy, temperature, top-k,
+# top-p, min-p and penalties side by side.
+BEFORE_VECTORIZED = [
+    [27, 25, 39, 13, 6, 37, 55, 11, 40, 8, 31, 56],
+    [32, 29, 39, 13, 35, 37, 57, 7, 40, 8, 31, 56],
+    [27, 29, 39, 13, 6, 37, 7, 11, 40, 8, 31, 56],
+]
+MIXED_PARAMS = [
+    dict(temperature=0.0),
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_k=5),
+    dict(temperature=1.3, top_p=0.8),
+    dict(temperature=1.0, min_p=0.1),
+    dict(temperature=0.0, repetition_penalty=1.5),
+    dict(temperature=0.9, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.4),
+    dict(temperature=2.0, top_k=20, top_p=0.9, min_p=0.02),
+]
+
+
+def _mixed_batch(shift: int) -> list[Sequence]:
+    seqs = []
+    for r in range(12):
+        params = SamplingParams(**MIXED_PARAMS[(r + shift) % len(MIXED_PARAMS)])
+        g = torch.Generator().manual_seed(r)
+        tokens = torch.randint(0, 64, (5 + r,), generator=g).tolist()
+        seqs.append(Sequence(f"s{r}", tokens, 3, params, seed=1000 + 7 * r))
+    return seqs
+
+
+@pytest.mark.parametrize("shift", range(3))
+def test_vectorized_sampler_draws_the_tokens_the_per_row_sampler_drew(shift):
+    logits = torch.randn(12, 64, generator=torch.Generator().manual_seed(2026)) * 3
+    assert sample(logits, _mixed_batch(shift))[0] == BEFORE_VECTORIZED[shift]
+
+
+def test_greedy_batch_takes_the_argmax_without_sorting(monkeypatch):
+    def no_sort(*args, **kwargs):
+        raise AssertionError("a greedy batch sorted the vocabulary")
+
+    monkeypatch.setattr(torch.Tensor, "sort", no_sort)
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(1))
+    seqs = [_seq(SamplingParams(temperature=0.0), seed=i) for i in range(8)]
+    assert sample(logits, seqs)[0] == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 1e-30, 9.9e-6])
+def test_temperature_below_1e_5_decodes_greedily(temperature):
+    # NOTE: 1e-310 is 0 in float32; dividing by it once made NaN probabilities, which drew
+    # token 0 whatever the logits said.
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(4)) * 2
+    seqs = [_seq(SamplingParams(temperature=temperature), seed=s) for s in range(4)]
+    assert sample(logits.repeat(4, 1), seqs)[0] == [int(logits.argmax())] * 4
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-45, 1e-9])
+def test_top_p_too_small_to_keep_a_token_keeps_the_most_likely_one(top_p):
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    probs, order = _filtered_probs(LOGITS.repeat(3, 1), [_seq(params)] * 3)
+    assert (probs > 0).sum(-1).tolist() == [1, 1, 1], "top_p cut every token"
+    assert order[:, 0].tolist() == [0, 0, 0]
+    seqs = [_seq(params, [0] * (1 + i)) for i in range(50)]
+    assert set(sample(LOGITS.repeat(50, 1), seqs)[0]) == {0}

@@ -67,6 +67,7 @@ def compile_kernel(name: str, kernel, dtype: str, config: dict) -> dict:
         source = ASTSource(fn, signature, constexprs, attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         result["spilled_bytes"] = _spilled_bytes(compiled.asm["cubin"])
+        result["shared_bytes"] = compiled.metadata.shared
     except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
         result["error"] = f"{type(e).__name__}: {e}"
     return result
@@ -76,16 +77,17 @@ def cases():
     prefill = _module("prefill_attention")
     for dtype in ("bf16", "fp16"):
         for head_dim in (64, 128):
-            config = prefill.launch_config(head_dim, on_gpu=True)
-            config |= {"BLOCK_D": head_dim, "KV_BLOCK_SIZE": 16, "DOT_PRECISION": "tf32"}
-            yield "prefill", prefill._prefill_attention_kernel, dtype, config
+            for m, n, warps, stages in prefill.gpu_tiles(head_dim):
+                config = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": warps, "num_stages": stages}
+                config |= {"BLOCK_D": head_dim, "KV_BLOCK_SIZE": 16, "DOT_PRECISION": "tf32"}
+                yield "prefill", prefill._prefill_attention_kernel, dtype, config
     decode = _module("decode_attention")
     for group in (1, 8, 32):
         config = decode.launch_config(on_gpu=True)
         config |= {"BLOCK_G": max(16, group), "BLOCK_D": 128, "KV_BLOCK_SIZE": 16}
         config |= {"DOT_PRECISION": "tf32"}
         yield "decode", decode._decode_attention_kernel, "bf16", config
-        reduce_config = {"BLOCK_S": group, "BLOCK_D": 128}
+        reduce_config = {"BLOCK_S": group, "BLOCK_D": 128, "BLOCK_N": config["BLOCK_N"]}
         yield "decode_reduce", decode._decode_reduce_kernel, "bf16", reduce_config
     norm = _module("rms_norm")._rms_norm_kernel
     yield "rms_norm", norm, "bf16", {"HAS_RESIDUAL": True, "BLOCK": 8192, "num_warps": 8}

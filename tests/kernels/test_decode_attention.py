@@ -105,3 +105,17 @@ def test_decode_equals_last_row_of_prefill(paged_batch, assert_close):
         num_splits=2,
     )
     assert_close(decode[0], prefill[-1], torch.float32)
+
+
+def test_short_sequences_in_a_table_planned_for_long_ones_match_reference(
+    paged_batch, assert_close
+):
+    """A CUDA graph's block table is as wide as the longest context: each sequence splits its
+    own length, so a 17- and a 40-token context under a 64-block plan still come out right."""
+    batch = _batch(paged_batch, BASE)
+    wide = torch.zeros(2, 64, dtype=batch.block_tables.dtype, device=batch.block_tables.device)
+    wide[:, : batch.block_tables.shape[1]] = batch.block_tables
+    out = decode_attention_triton(
+        batch.q, batch.k_cache, batch.v_cache, wide, batch.seq_lens, batch.scale, num_splits=4
+    )
+    assert_close(out, _run(decode_attention_ref, batch), torch.float32)
