@@ -19,6 +19,7 @@ sampled rows and no penalties takes the argmax of the logits as they are.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence as Seq
 
 import numpy as np
@@ -28,7 +29,6 @@ from pdserve.api.messages import TokenLogprobs
 from pdserve.engine.sequence import Sequence
 
 _MASK64 = (1 << 64) - 1
-_MASK32 = (1 << 32) - 1
 
 
 def draw_key(seed: int, position: int) -> int:
@@ -39,26 +39,30 @@ def draw_key(seed: int, position: int) -> int:
     return (x ^ (x >> 31)) >> 32
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2**32, in halves so that no product reaches 2**63."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
-
-
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finalizer, of int64 values in [0, 2**32)."""
-    x = _mul32(x ^ (x >> 16), 0x85EBCA6B)
-    x = _mul32(x ^ (x >> 13), 0xC2B2AE35)
-    return x ^ (x >> 16)
+    """MurmurHash3's 32-bit finalizer of int32 lanes read as unsigned.
+
+    NOTE: int32 products wrap modulo 2**32 on every device torch runs on, which is the unsigned
+    arithmetic the hash wants; right shifts are masked so that they act as logical shifts."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * (0x85EBCA6B - (1 << 32))
+    x = x ^ ((x >> 13) & 0x7FFFF)
+    x = x * (0xC2B2AE35 - (1 << 32))
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+@functools.cache
+def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
+    return _hash32(torch.arange(vocab, dtype=torch.int32, device=device))
 
 
 def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Exp(1) numbers, `[len(keys), vocab]` float64: entry (r, t) depends only on keys[r] and t.
-
-    NOTE: integer hashing in int64 lanes whose products stay below 2**63, so it is the same on
-    every device."""
-    t = _hash32(torch.arange(vocab, dtype=torch.int64, device=keys.device))
-    x = _hash32(keys[:, None] ^ t[None, :])
-    return -torch.log((x.to(torch.float64) + 0.5) * (1.0 / (1 << 32)))
+    """Exp(1) numbers, `[len(keys), vocab]` float64: entry (r, t) depends only on keys[r] (32-bit
+    keys, int64) and t."""
+    signed = torch.where(keys >= 1 << 31, keys - (1 << 32), keys).to(torch.int32)
+    x = _hash32(signed[:, None] ^ _token_hashes(vocab, keys.device)[None, :])
+    unsigned = x.to(torch.float64) + (x < 0).to(torch.float64) * float(1 << 32)
+    return -torch.log((unsigned + 0.5) * (1.0 / (1 << 32)))
 
 
 def _row_values(seqs: Seq[Sequence], name: str, device: torch.device) -> torch.Tensor:
