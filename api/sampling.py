@@ -63,6 +63,11 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     @property
+    def truncates(self) -> bool:
+        """True when top-k, top-p or min-p may cut tokens from the distribution."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+    @property
     def uses_penalties(self) -> bool:
         return (
             self.repetition_penalty != 1.0

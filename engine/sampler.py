@@ -139,18 +139,30 @@ def sample(
     if any(s.params.uses_penalties for s in seqs):
         logits = apply_penalties(logits.clone(), seqs)
     tokens = logits.argmax(dim=-1)
-    sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if sampled_rows:
-        sub = [seqs[i] for i in sampled_rows]
-        probs, order = _filtered_probs(logits[sampled_rows], sub)
-        keys = np.fromiter((draw_key(s.seed, s.num_tokens) for s in sub), np.int64, len(sub))
-        # NOTE: the noise follows the token id, not the sorted rank, so two near-equal tokens
-        # that swap ranks keep their own noise.
-        noise = exponential_noise(torch.from_numpy(keys).to(probs.device), probs.shape[-1])
-        pick = (probs.to(torch.float64) / noise.gather(1, order)).argmax(dim=-1, keepdim=True)
-        tokens[sampled_rows] = order.gather(1, pick).squeeze(1)
+    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    # NOTE: the race needs no sorted order, so rows that truncate nothing skip the sort (the
+    # costliest stage over a large vocabulary); both ways draw the same token.
+    for truncate in (True, False):
+        rows = [i for i in sampled if seqs[i].params.truncates == truncate]
+        if rows:
+            tokens[rows] = _race(logits[rows], [seqs[i] for i in rows], truncate)
     token_list = tokens.tolist()
     return token_list, _logprobs(raw, seqs, token_list)
+
+
+def _race(logits: torch.Tensor, seqs: Seq[Sequence], truncate: bool) -> torch.Tensor:
+    """The token each row draws (see the module's docstring)."""
+    keys = np.fromiter((draw_key(s.seed, s.num_tokens) for s in seqs), np.int64, len(seqs))
+    noise = exponential_noise(torch.from_numpy(keys).to(logits.device), logits.shape[-1])
+    if not truncate:
+        temperature = _row_values(seqs, "temperature", logits.device)[:, None]
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return (probs.to(torch.float64) / noise).argmax(dim=-1)
+    probs, order = _filtered_probs(logits, seqs)
+    # NOTE: the noise follows the token id, not the sorted rank, so two near-equal tokens that
+    # swap ranks keep their own noise.
+    pick = (probs.to(torch.float64) / noise.gather(1, order)).argmax(dim=-1, keepdim=True)
+    return order.gather(1, pick).squeeze(1)
 
 
 def _logprobs(

@@ -186,3 +186,19 @@ def test_top_p_too_small_to_keep_a_token_keeps_the_most_likely_one(top_p):
     assert order[:, 0].tolist() == [0, 0, 0]
     seqs = [_seq(params, [0] * (1 + i)) for i in range(50)]
     assert set(sample(LOGITS.repeat(50, 1), seqs)[0]) == {0}
+
+
+def test_rows_that_truncate_nothing_draw_without_sorting_and_as_the_sorted_race_would(
+    monkeypatch,
+):
+    logits = torch.randn(16, 500, generator=torch.Generator().manual_seed(7)) * 2
+    # top_k of the whole vocabulary keeps every token, yet takes the sorted path
+    sorted_path = [_seq(SamplingParams(temperature=0.8, top_k=500), seed=s) for s in range(16)]
+    expected = sample(logits, sorted_path)[0]
+
+    def no_sort(*args, **kwargs):
+        raise AssertionError("a row that truncates nothing sorted the vocabulary")
+
+    monkeypatch.setattr(torch.Tensor, "sort", no_sort)
+    plain = [_seq(SamplingParams(temperature=0.8), seed=s) for s in range(16)]
+    assert sample(logits, plain)[0] == expected
