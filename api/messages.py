@@ -2,7 +2,8 @@
 
 The data flows one way: the router sends a `PrefillRequest` to a prefill worker (and gets a
 `PrefillResult` back as the answer to that call); the decode worker streams `StepOutputs`, one
-batch per engine step for all its requests, which the router consumes.
+batch per engine step for all its requests, which the router consumes from its token link
+(`LinkAddress`, `pdserve.api.token_link`).
 """
 
 from __future__ import annotations
@@ -124,6 +125,16 @@ class WorkerStatus:
     kv_bytes_sent: int = 0
     transfer_fallbacks: int = 0
     ranks: tuple[RankStatus, ...] = ()
+
+
+@dataclass(frozen=True)
+class LinkAddress:
+    """Where the router joins a decode worker's token link. `ticket` is fresh for each such
+    address (handed out through Ray) and is what the joining side presents first."""
+
+    host: str
+    port: int
+    ticket: bytes
 
 
 @dataclass(frozen=True)

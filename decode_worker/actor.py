@@ -15,9 +15,9 @@ from ray.actor import ActorHandle
 
 from pdserve.api.messages import (
     ChannelAddress,
+    LinkAddress,
     PrefillRequest,
     ReserveReply,
-    StepOutputs,
     WorkerStatus,
 )
 from pdserve.engine.config import EngineConfig
@@ -94,6 +94,5 @@ class DecodeWorker:
         async for batch in self._svc.kv_events():
             yield batch
 
-    async def stream(self) -> AsyncIterator[StepOutputs]:
-        async for outputs in self._svc.stream():
-            yield outputs
+    async def token_link(self) -> LinkAddress:
+        return await self._svc.token_link()

@@ -1,5 +1,8 @@
 """The decode worker: receives KV from prefill workers, decodes continuously, streams tokens.
 
+Tokens leave on the token link (`token_link.py`), straight from the engine thread to the
+router, which also sends the requests this worker prefills itself on it.
+
 The engine, and all request state, live on an `EngineThread`: RPCs hand it their work, which
 runs between steps, so the actor's event loop stays free to take the next call at once and
 nothing needs a lock. KV arrives through `KVReceiver` into blocks the engine reserved (and
@@ -29,6 +32,7 @@ from typing import Any
 from pdserve.api.errors import CapacityExceeded, PdserveError
 from pdserve.api.messages import (
     ChannelAddress,
+    LinkAddress,
     PrefillRequest,
     RankStatus,
     ReserveReply,
@@ -38,6 +42,7 @@ from pdserve.api.messages import (
     Usage,
     WorkerStatus,
 )
+from pdserve.decode_worker.token_link import TokenLink
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_thread import EngineThread
 from pdserve.engine.event_publisher import EventPublisher
@@ -105,16 +110,14 @@ class DecodeService:
         self._receiver = self._new_receiver(self._admit, self._release, self._fall_back)
         self._extra: dict[int, KVReceiver] = {}  # from prefill ranks > 0, by prefill rank
         self._events = EventPublisher(worker_id, self.engine)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stream: asyncio.Queue[StepOutputs] = asyncio.Queue()
+        self._link = TokenLink(host, self._on_link_request)
         self._outbox: list[TokenDelta] = []
         self._requests: dict[str, _RequestInfo] = {}
         self.num_fallbacks = 0
 
     async def start(self) -> None:
         await lead(self.tp, self._ranks, self._host, self.engine.device, self._timeout_s)
-        self._loop = asyncio.get_running_loop()
-        self._events.attach(self._loop)
+        self._events.attach(asyncio.get_running_loop())
         self._core.start()
 
     # --- the RPC surface (on the event loop; the work runs on the engine thread) ------------
@@ -193,17 +196,14 @@ class DecodeService:
         others = await asyncio.gather(*(r.status.remote() for r in self._ranks))
         return await self._core.call(self._status, tuple(others))
 
-    async def stream(self) -> AsyncIterator[StepOutputs]:
-        """Yields the outputs of every step; when the consumer lags, the steps that piled up
-        go out as one message, so a slow link costs throughput of messages, not latency."""
-        while True:
-            batch = [await self._stream.get()]
-            while not self._stream.empty():
-                batch.append(self._stream.get_nowait())
-            if len(batch) == 1:
-                yield batch[0]
-            else:
-                yield StepOutputs(self.worker_id, tuple(d for b in batch for d in b.deltas))
+    async def token_link(self) -> LinkAddress:
+        """Where the router connects to take this worker's step outputs and hand it requests
+        (`pdserve.api.token_link`); a new connection replaces the earlier one."""
+        return self._link.open()
+
+    def _on_link_request(self, req: PrefillRequest) -> None:
+        """A request the router sent over the token link (on the link's thread)."""
+        self._core.post(self._prefill_locally, req, time.monotonic())
 
     # --- channels and requests (on the engine thread) ---------------------------------------
 
@@ -431,10 +431,8 @@ class DecodeService:
         """Hands the deltas and KV events so far to their streams, right after a step (or as
         the worker goes `idle`)."""
         if self._outbox:
-            outputs = StepOutputs(self.worker_id, tuple(self._outbox))
+            self._link.send(StepOutputs(self.worker_id, tuple(self._outbox)))
             self._outbox = []
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._stream.put_nowait, outputs)
         self._events.publish(idle)
 
     def _step(self) -> bool:

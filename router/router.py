@@ -34,7 +34,7 @@ from pdserve.router.kv_feed import ActorKVSource, KVFeed
 from pdserve.router.logs import REQUEST_ID
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.placement import Assignment, Demand, Placer
-from pdserve.router.registry import Worker, WorkerRegistry, describe
+from pdserve.router.registry import Worker, WorkerRegistry
 from pdserve.router.request_table import FinishedRequest, RequestTable
 from pdserve.router.responses import ResponseBuilder
 from pdserve.router.server import RunningServer, start_server
@@ -520,11 +520,9 @@ class Router:
 
     async def _prefill_on_decode(self, request: PrefillRequest, decode: str) -> Failure | None:
         try:
-            await self.decode_workers[decode].prefill_locally.remote(request)
-        except Exception as e:
-            self.registry.call_failed(decode, e)
-            message = f"decode worker {decode}: {describe(e)}"
-            return Failure("UNAVAILABLE", message, retryable=True)
+            await self._streams.submit(decode, request)
+        except ConnectionError as e:
+            return Failure("UNAVAILABLE", f"decode worker {decode}: {e}", retryable=True)
         return None
 
     def _end_attempt(self, flight: _InFlight) -> None:

@@ -1,8 +1,9 @@
 """Token streams from the decode workers, dispatched to one queue per request.
 
-Each decode worker has ONE Ray streaming generator that yields a `StepOutputs` per engine step
-for all its requests; the router consumes it from start to stop. A request registers its queue
-before its prefill call is made, because its first tokens may arrive before that call returns.
+Each decode worker has ONE token link (`pdserve.api.token_link`) that carries a `StepOutputs`
+per engine step for all its requests; the router consumes it from start to stop, and sends on
+it the requests the worker prefills itself. A request registers its queue before its prefill
+call is made, because its first tokens may arrive before that call returns.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.api.messages import TokenDelta
+from pdserve.api.messages import PrefillRequest, TokenDelta
+from pdserve.api.token_link import TokenLinkClient
 from pdserve.router.registry import describe
 
 logger = logging.getLogger(__name__)
@@ -38,10 +40,11 @@ class Lost:
 
 
 Event = TokenDelta | Failure | Lost
+LINK_TIMEOUT_S = 10.0
 
 
 class DecodeStreams:
-    """Consumes each decode worker's stream, from `watch` (at start, and again whenever the
+    """Consumes each decode worker's token link, from `watch` (at start, and again whenever the
     worker comes back) to `stop`; `on_lost(worker_id, epoch, reason)` hears when one ends."""
 
     def __init__(self, decode: Mapping[str, Any], on_lost: Callable[[str, int, str], None]) -> None:
@@ -49,16 +52,33 @@ class DecodeStreams:
         self._on_lost = on_lost
         self._queues: dict[str, tuple[str, asyncio.Queue[Event]]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._links: dict[str, asyncio.Future[TokenLinkClient]] = {}
 
     def watch(self, worker_id: str, epoch: int) -> None:
-        """Consumes the worker's stream (in its registration `epoch`), replacing any earlier
-        consumer of it."""
+        """Consumes the worker's token link (in its registration `epoch`), replacing any
+        earlier consumer of it."""
         old = self._tasks.get(worker_id)
         if old is not None:
             old.cancel()
+        ready = self._links[worker_id] = asyncio.get_running_loop().create_future()
         self._tasks[worker_id] = asyncio.create_task(
-            self._consume(worker_id, epoch, self._decode[worker_id]), name=f"stream-{worker_id}"
+            self._consume(worker_id, epoch, self._decode[worker_id], ready),
+            name=f"stream-{worker_id}",
         )
+
+    async def submit(self, worker_id: str, request: PrefillRequest) -> None:
+        """Hands `request` to the decode worker to prefill itself, over its token link (once
+        the link is up); raises ConnectionError, saying why, if it cannot."""
+        ready = self._links.get(worker_id)
+        if ready is None:
+            raise ConnectionError("it has no token link")
+        try:
+            link = await asyncio.wait_for(asyncio.shield(ready), LINK_TIMEOUT_S)
+        except TimeoutError:
+            raise ConnectionError(
+                f"its token link was not up within {LINK_TIMEOUT_S:.0f} s"
+            ) from None
+        link.send(request)
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -87,20 +107,35 @@ class DecodeStreams:
             if w == worker_id:
                 queue.put_nowait(Lost(worker_id))
 
-    async def _consume(self, worker_id: str, epoch: int, handle: Any) -> None:
+    async def _consume(
+        self,
+        worker_id: str,
+        epoch: int,
+        handle: Any,
+        ready: asyncio.Future[TokenLinkClient],
+    ) -> None:
+        link = None
+        reason = "the router stopped"
         try:
-            async for ref in handle.stream.options(num_returns="streaming").remote():
-                outputs = await ref
+            link = await TokenLinkClient.connect(await handle.token_link.remote())
+            ready.set_result(link)
+            while True:
+                outputs = await link.read()
                 for delta in outputs.deltas:
                     entry = self._queues.get(delta.attempt_id)
                     # NOTE: deltas of a request that already ended (cancelled, stopped by a stop
                     # string) keep coming until the worker sees the abort; they are dropped.
                     if entry is not None:
                         entry[1].put_nowait(delta)
-            reason = "its token stream ended"
-        except asyncio.CancelledError:
-            raise
+        except EOFError:
+            reason = "its token link closed"
         except Exception as e:
-            logger.warning("decode worker %s: stream failed: %s", worker_id, e)
+            logger.warning("decode worker %s: token link failed: %s", worker_id, e)
             reason = describe(e)
+        finally:
+            if link is not None:
+                link.close()
+            if not ready.done():
+                ready.set_exception(ConnectionError(reason))
+                ready.exception()  # read here: a request may never ask for it
         self._on_lost(worker_id, epoch, reason)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import torch
+from worker_helpers import token_stream
 
 from pdserve.api.block_hash import block_hashes, model_salt
 from pdserve.api.messages import PrefillRequest
@@ -51,7 +52,7 @@ class RestartableSource:
 
 async def _serve(svc: DecodeService, rid: str, prompt: tuple[int, ...]) -> None:
     await svc.prefill_locally(PrefillRequest(rid, prompt, PARAMS, svc.worker_id))
-    stream = svc.stream()
+    stream = token_stream(svc)
     while True:
         outputs = await asyncio.wait_for(anext(stream), 30)
         if any(d.attempt_id == rid and d.finish_reason for d in outputs.deltas):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import torch
 from engine_helpers import generate, make_engine
+from worker_helpers import token_stream
 
 from pdserve.api.messages import ChannelAddress, PrefillRequest
 from pdserve.api.sampling import SamplingParams
@@ -44,7 +45,7 @@ async def _services(model_dir):
 
 
 async def _tokens(decode: DecodeService, request_id: str) -> list[int]:
-    stream, tokens = decode.stream(), []
+    stream, tokens = token_stream(decode), []
     while True:
         outputs = await asyncio.wait_for(anext(stream), 30)
         for d in outputs.deltas:
@@ -143,7 +144,7 @@ def test_decode_max_num_seqs_bounds_transferred_requests(tiny_llama_dir):
         )
         await decode.start()
         await prefill.start()
-        stream, outputs, running = decode.stream(), {}, set()
+        stream, outputs, running = token_stream(decode), {}, set()
 
         async def watch():  # the decode worker's own account, between its steps
             while True:
