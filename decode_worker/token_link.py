@@ -95,6 +95,12 @@ class TokenLink:
         if conn is self._conn:
             logger.info("token link to the router closed: %s", reason)
             self._conn, self._offset = None, 0
+        try:
+            # NOTE: close() alone neither wakes this connection's reader thread, blocked in
+            # recv, nor ends the connection while that call holds it.
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already reset by the peer
+            pass
         conn.close()
 
     def _accept(self) -> None:
