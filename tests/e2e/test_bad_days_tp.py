@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -127,9 +129,9 @@ def _assert_new_gang(cluster, client: Client, worker_id: str, old: list[int]) ->
 
 
 def test_a_killed_decode_rank_restarts_its_gang_and_loses_no_request(gangs, client):
-    specs = make_specs(8, max_tokens=120, seed=3)
+    specs = make_specs(8, max_tokens=200, seed=3)
     reference = run_all(gangs.target, specs)
-    assert all(o.code is None and len(o.tokens) == 120 for o in reference)
+    assert all(o.code is None and len(o.tokens) == 200 for o in reference)
 
     monitor = Monitor(gangs.target)
     load = Load(gangs.target, specs)
@@ -202,3 +204,11 @@ def test_a_gang_whose_restarts_are_spent_is_dead_with_no_rank_left(gangs, client
     done = client.complete(prompt, max_tokens=2, timeout=30)
     assert done.finish_reason == "length" and done.prefill_worker == ""
     assert health_status(gangs.target, "") == SERVING
+    cli = subprocess.run(
+        [sys.executable, "-m", "pdserve.cluster.cli", "status", "--server", gangs.target],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    lines = {line.split()[0]: line.split() for line in cli.stdout.splitlines()[2:]}
+    assert lines["prefill-0"][2] == "dead" and lines["decode-0"][2] == "up"
