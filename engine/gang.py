@@ -87,14 +87,14 @@ class Gang:
             end_gang(f"worker {self.worker_id}: the gang did not form")
 
     async def _watch_ranks(self) -> None:
-        async def hold(rank: int, handle: ActorHandle) -> int:
+        async def held(rank: int, handle: ActorHandle) -> int:
             try:
                 await handle.hold.remote()
             except Exception as e:  # the rank's process is gone (or unreachable)
                 logger.error("worker %s: rank %d: %s", self.worker_id, rank, e)
             return rank
 
-        holds = [asyncio.ensure_future(hold(r, h)) for r, h in enumerate(self.ranks, 1)]
+        holds = [asyncio.ensure_future(held(r, h)) for r, h in enumerate(self.ranks, 1)]
         done, _ = await asyncio.wait(holds, return_when=asyncio.FIRST_COMPLETED)
         end_gang(f"worker {self.worker_id}: rank {next(iter(done)).result()} died")
 

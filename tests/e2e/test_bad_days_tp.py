@@ -128,7 +128,7 @@ def _assert_new_gang(cluster, client: Client, worker_id: str, old: list[int]) ->
     assert [r.rank for r in info.ranks] == [0, 1]
 
 
-def test_a_killed_decode_rank_restarts_its_gang_and_loses_no_request(gangs, client):
+def test_a_killed_decode_rank_restarts_its_gang_and_loses_no_request(gangs, client, hf_model):
     specs = make_specs(8, max_tokens=200, seed=3)
     reference = run_all(gangs.target, specs)
     assert all(o.code is None and len(o.tokens) == 200 for o in reference)
@@ -151,6 +151,7 @@ def test_a_killed_decode_rank_restarts_its_gang_and_loses_no_request(gangs, clie
     assert back_s < BACK_WITHIN_S
     _assert_new_gang(gangs, client, "decode-0", old)
     assert pinned.finish_reason == "length" and pinned.prefill_worker == "prefill-0"
+    assert pinned.token_ids == hf_greedy(hf_model, fresh, 4)
     assert monitor.states_of("decode-0") == ["up", "restarting", "up"]
     # health says NOT_SERVING exactly while the gang is down
     for s in samples:
