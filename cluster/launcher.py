@@ -24,6 +24,7 @@ from pdserve.cluster.preflight import (
     needed_resources,
 )
 from pdserve.engine.config import EngineConfig, ModelConfig
+from pdserve.engine.gang import GangSpec
 
 if TYPE_CHECKING:
     from pdserve.router.router import Router
@@ -66,13 +67,12 @@ def start_ray(config: ClusterConfig, address: str | None) -> None:
 
 @dataclass
 class Workers:
-    """Each worker's rank 0 by id (the handle everyone talks to); `ranks` holds the other
-    tensor-parallel ranks and `groups` the placement groups, for tear-down."""
+    """Each worker's rank 0 by id (the handle everyone talks to; its other tensor-parallel
+    ranks die with it) and the placement groups, for tear-down."""
 
     prefill: dict[str, Any] = field(default_factory=dict)
     decode: dict[str, Any] = field(default_factory=dict)
     max_model_len: int = 0  # the longest sequence every worker accepts
-    ranks: list[Any] = field(default_factory=list)
     groups: list[Any] = field(default_factory=list)
 
     def all(self) -> dict[str, Any]:
@@ -97,54 +97,31 @@ def _engine_config(config: ClusterConfig, role: str) -> EngineConfig:
     )
 
 
-def _start_gang(
-    config: ClusterConfig, role: str, wid: str, secret: bytes, workers: Workers
-) -> Any:
-    """Creates a worker of TP size n: n actors in one placement group packed on one node,
-    each rank taking one unit of its role's resource (`prefill` or `decode`, which node types
-    advertise) and one GPU on CUDA. On CPU they ask num_cpus=0: actors asking for more CPUs
-    than exist stay pending forever. Returns rank 0's handle."""
+def _start_gang(config: ClusterConfig, role: str, wid: str, secret: bytes, workers: Workers) -> Any:
+    """Creates a worker of TP size n: a placement group of n bundles packed on one node, and the
+    worker's rank 0 in bundle 0, which creates the other ranks in the others and fails with them
+    as one gang (`engine/gang.py`). Each rank takes one unit of its role's resource (`prefill` or
+    `decode`, which node types advertise) and one GPU on CUDA. Returns rank 0's handle."""
     import ray
     from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from pdserve.decode_worker.actor import DecodeWorker
-    from pdserve.decode_worker.rank import DecodeRank
     from pdserve.prefill_worker.actor import PrefillWorker
-    from pdserve.prefill_worker.rank import PrefillRank
 
     tp = getattr(config, role).tp
     gpus = 1 if config.device.startswith("cuda") else 0
     bundle = {role: 1, "GPU": gpus} if gpus else {role: 1}
     group = placement_group([bundle] * tp, strategy="STRICT_PACK")
     workers.groups.append(group)
-
-    # Ray restarts a worker whose process dies (the router notices and re-registers it).
-    # NOTE: only a TP 1 worker: a restarted rank cannot rejoin its gang's process group, so a
-    # gang would have to restart whole, which is not built; a TP > 1 worker that fails is dead.
-    restarts = config.supervision.max_restarts if tp == 1 else 0
-
-    def on_bundle(i: int) -> dict[str, Any]:
-        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
-        return dict(
-            num_cpus=0,
-            num_gpus=gpus,
-            resources={role: 1},
-            scheduling_strategy=strategy,
-            max_restarts=restarts,
-        )
-
+    gang = GangSpec(tp, group, role, gpus)
     engine_config = _engine_config(config, role)
-    args = (engine_config, config.kv_transfer.timeout_s, config.threads_per_worker, secret)
-    leader_cls, rank_cls = (
-        (DecodeWorker, DecodeRank) if role == "decode" else (PrefillWorker, PrefillRank)
-    )
-    ranks = [
-        ray.remote(rank_cls).options(**on_bundle(r)).remote(wid, r, tp, *args) for r in range(1, tp)
-    ]
-    workers.ranks += ranks
-    named = dict(name=actor_name(wid), namespace=NAMESPACE, **on_bundle(0))
-    return ray.remote(leader_cls).options(**named).remote(wid, *args, ranks)
+    args = (engine_config, config.kv_transfer.timeout_s, config.threads_per_worker, secret, gang)
+    leader_cls = DecodeWorker if role == "decode" else PrefillWorker
+    # Ray restarts a worker whose process dies (the router notices and re-registers it): rank 0,
+    # with a fresh gang of the other ranks.
+    options = gang.options(0, max_restarts=config.supervision.max_restarts)
+    named = dict(name=actor_name(wid), namespace=NAMESPACE, **options)
+    return ray.remote(leader_cls).options(**named).remote(wid, *args)
 
 
 def launch_workers(config: ClusterConfig) -> Workers:
@@ -190,7 +167,7 @@ def stop_workers(workers: Workers) -> None:
     import ray
     from ray.util.placement_group import remove_placement_group
 
-    for handle in [*workers.all().values(), *workers.ranks]:
+    for handle in workers.all().values():
         try:
             ray.kill(handle)
         except Exception as e:  # a worker that already died is fine

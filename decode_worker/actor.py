@@ -1,5 +1,5 @@
-"""The Ray actor shell of a decode worker: its rank 0, which holds the handles of its other
-tensor-parallel ranks (`rank.py`).
+"""The Ray actor shell of a decode worker: its rank 0, which creates its other tensor-parallel
+ranks (`rank.py`) and fails with them as one gang (`engine/gang.py`).
 
 Like the prefill shell, it imports neither torch nor the engine at module level, and it owns the
 process-wide settings (torch threads, the GIL switch interval) that the service must not touch.
@@ -8,10 +8,9 @@ process-wide settings (torch threads, the GIL switch interval) that the service 
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import ray
-from ray.actor import ActorHandle
 
 from pdserve.api.messages import (
     ChannelAddress,
@@ -21,6 +20,7 @@ from pdserve.api.messages import (
     WorkerStatus,
 )
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.gang import Gang, GangSpec
 
 # NOTE: the KV receiver threads (and Ray's RPC threads) need the GIL back after every blocking
 # call while the step loop holds it; at Python's default 5 ms switch interval each message of a
@@ -31,6 +31,8 @@ SWITCH_INTERVAL_S = 0.0002
 
 
 class DecodeWorker:
+    """Rank 0 of a decode worker; `gang` says where its other ranks run."""
+
     def __init__(
         self,
         worker_id: str,
@@ -38,12 +40,17 @@ class DecodeWorker:
         transfer_timeout_s: float,
         threads: int,
         cluster_secret: bytes,
-        ranks: Sequence[ActorHandle] = (),
+        gang: GangSpec,
     ) -> None:
         import torch
 
+        from pdserve.decode_worker.rank import DecodeRank
         from pdserve.decode_worker.service import DecodeService
 
+        # NOTE: the other ranks are created before this one loads the model, so that they load
+        # theirs meanwhile (a gang loads again after every restart).
+        args = (engine_config, transfer_timeout_s, threads, cluster_secret)
+        self._gang = Gang(worker_id, gang, DecodeRank, *args)
         torch.set_num_threads(threads)
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._svc = DecodeService(
@@ -52,17 +59,18 @@ class DecodeWorker:
             ray.util.get_node_ip_address(),
             cluster_secret,
             transfer_timeout_s,
-            ranks,
+            self._gang.ranks,
             ray.get_runtime_context().get_node_id(),
         )
         self._started = False
 
     async def start(self) -> int:
-        """Starts the step loop (once per process: after a restart, the router's supervisor
-        calls it again); returns the longest sequence this worker accepts."""
+        """Leads the gang and starts the step loop (once per process: after a restart, the
+        router's supervisor calls it again); returns the longest sequence this worker
+        accepts."""
         if not self._started:
             self._started = True
-            await self._svc.start()
+            await self._gang.start(self._svc.start)
         return self._svc.engine.max_model_len
 
     async def open_channel(

@@ -10,6 +10,7 @@ import ray
 from pdserve.api.messages import ChannelAddress, RankStatus
 from pdserve.api.naming import NAMESPACE, actor_name
 from pdserve.decode_worker.actor import SWITCH_INTERVAL_S
+from pdserve.engine import gang
 from pdserve.engine.config import EngineConfig
 
 
@@ -49,6 +50,9 @@ class DecodeRank:
         if self._leader is None:
             self._leader = ray.get_actor(actor_name(self._worker_id), namespace=NAMESPACE)
         return self._leader
+
+    async def hold(self) -> None:
+        await gang.hold()
 
     async def join(self, host: str, port: int) -> None:
         await self._svc.join(host, port)

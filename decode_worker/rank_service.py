@@ -12,7 +12,6 @@ callbacks and every RPC run on the actor's event loop.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -20,12 +19,11 @@ from typing import Any
 
 from pdserve.api.messages import ChannelAddress, RankStatus
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.gang import end_gang
 from pdserve.engine.kv_transfer.messages import TransferDone
 from pdserve.engine.kv_transfer.receiver import Incoming, KVReceiver
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.parallel import TPGroup
-
-logger = logging.getLogger(__name__)
 
 
 class DecodeRankService:
@@ -121,8 +119,8 @@ class DecodeRankService:
         try:
             while True:
                 self.engine.runner.follow()
-        except Exception:  # rank 0 is gone; the worker is being torn down
-            logger.exception("rank %d stopped following rank 0", self.tp.rank)
+        except Exception:  # rank 0 is gone, or this rank's step failed: the gang restarts
+            end_gang(f"rank {self.tp.rank} stopped following rank 0")
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -46,6 +46,7 @@ from pdserve.decode_worker.token_link import TokenLink
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_thread import EngineThread
 from pdserve.engine.event_publisher import EventPublisher
+from pdserve.engine.gang import end_gang
 from pdserve.engine.kv_transfer.messages import TransferDone
 from pdserve.engine.kv_transfer.receiver import Incoming, KVReceiver
 from pdserve.engine.kv_transfer.routes import Route, kv_routes
@@ -447,6 +448,10 @@ class DecodeService:
         try:
             outputs = self.engine.step()
         except Exception as e:  # the loop must outlive a bad step, or every request hangs
+            if self.tp.size > 1:
+                # NOTE: the ranks may have stopped at different collectives (a rank died in
+                # one): only a new gang can step again; the router resumes the requests.
+                end_gang("decode step failed")
             logger.exception("decode step failed; ending the requests in it")
             for receiver in (self._receiver, *self._extra.values()):
                 receiver.close_all()  # no late KV may land in the blocks freed next

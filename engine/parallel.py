@@ -1,9 +1,9 @@
 """The tensor-parallel group of one worker: which shard of each layer a rank holds, and the
 collectives its layers use.
 
-A worker of TP size N is N processes, one per rank, whose torch.distributed default group is
-the worker's N ranks (gloo for CPU tensors, NCCL for CUDA tensors; the same calls either way).
-Rank 0 schedules; every rank runs its shard of each step.
+A worker of TP size N is N processes, one per rank, joined in one torch.distributed group (gloo
+for CPU tensors, NCCL for CUDA tensors; the same calls either way) that `join` makes this
+process's TP group. Rank 0 schedules; every rank runs its shard of each step.
 """
 
 from __future__ import annotations
@@ -17,12 +17,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pdserve.engine.store import bound_store
+from pdserve.engine.store import bound_group, bound_store
 
 # NOTE: ranks other than 0 wait in a broadcast for rank 0's next step for as long as the
 # worker is idle, and a gloo operation that times out breaks the group: the group's own
-# timeout is therefore unbounded in practice; only joining it is bounded.
-_GROUP_TIMEOUT = datetime.timedelta(days=365)
+# timeout is therefore unbounded in practice; only joining it is bounded. A rank that dies does
+# not leave the others waiting: the gang dies with it (`gang.py`).
+_GROUP_TIMEOUT_S = 365 * 24 * 3600.0
+
+# This process's TP group once `join` made it. NOTE: built directly rather than as torch's
+# default group (`init_process_group`), which gives gloo no say in the address its pairs bind.
+_group: dist.ProcessGroupGloo | dist.ProcessGroupNCCL | None = None
 
 
 @dataclass(frozen=True)
@@ -44,18 +49,16 @@ class TPGroup:
         timeout_s: float,
         store: dist.TCPStore | None = None,
     ) -> None:
-        """Makes this process's default group the worker's ranks; blocks (up to `timeout_s`)
-        until all joined. Rank 0 passes the store it hosts."""
+        """Makes the worker's ranks this process's TP group; blocks (up to `timeout_s`) until
+        all joined. Rank 0 passes the store it hosts at `host`, the node's cluster address.
+
+        NOTE: a worker's ranks share a node, so `host` is this rank's address too: its gloo pairs
+        listen there, not on the interface gloo would pick."""
+        global _group
         if store is None:
             timeout = datetime.timedelta(seconds=timeout_s)
             store = dist.TCPStore(host, port, self.size, False, timeout=timeout)
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            store=store,
-            rank=self.rank,
-            world_size=self.size,
-            timeout=_GROUP_TIMEOUT,
-        )
+        _group = bound_group(store, self.rank, self.size, host, device, _GROUP_TIMEOUT_S)
 
     def shard(self, total: int, what: str) -> range:
         """The items (heads, channels) of `total` that this rank owns: an equal contiguous
@@ -82,7 +85,7 @@ class TPGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(x)
+            _joined().allreduce([x]).wait()
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -91,17 +94,30 @@ class TPGroup:
         if self.size == 1:
             return x
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
-        dist.gather(x, parts, dst=0)
-        return torch.cat(parts, dim=-1) if parts is not None else None
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        if self.rank != 0:
+            _joined().gather([], [x], opts).wait()
+            return None
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        _joined().gather([parts], [x], opts).wait()
+        return torch.cat(parts, dim=-1)
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` on every rank (in place)."""
-        dist.broadcast(x, src=0)
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        _joined().broadcast([x], opts).wait()
         return x
 
 
 SINGLE = TPGroup()
+
+
+def _joined() -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
+    if _group is None:
+        raise RuntimeError("this process has not joined its tensor-parallel group")
+    return _group
 
 
 async def lead(

@@ -1,4 +1,5 @@
-"""A torch.distributed rendezvous store that listens on one address only."""
+"""torch.distributed on one address only: a rendezvous store that listens there, and groups
+whose gloo pairs bind it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime
 import os
 import socket
 
+import torch
 import torch.distributed as dist
 
 
@@ -30,3 +32,20 @@ def bound_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
     except BaseException:
         os.close(fd)
         raise
+
+
+def bound_group(
+    store: dist.Store, rank: int, size: int, host: str, device: torch.device, timeout_s: float
+) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
+    """A group of `size` processes over `store`: NCCL for CUDA tensors, gloo for CPU tensors,
+    whose pairs listen on `host` (this process's address) rather than the interface gloo picks
+    by default (the one the machine's host name resolves to). Blocks until all joined."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        nccl = dist.ProcessGroupNCCL.Options()
+        nccl._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, size, nccl)
+    gloo = dist.ProcessGroupGloo._Options()
+    gloo._timeout = timeout
+    gloo._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    return dist.ProcessGroupGloo(store, rank, size, gloo)

@@ -1,4 +1,5 @@
-"""The Ray actor shell of a prefill worker.
+"""The Ray actor shell of a prefill worker: its rank 0, which creates its other tensor-parallel
+ranks (`rank.py`) and fails with them as one gang (`engine/gang.py`).
 
 This module imports neither torch nor the engine, so the router process can create actors
 from it and stay torch-free; the service (and torch) load inside the actor's own process,
@@ -7,7 +8,7 @@ where this shell sets the process-wide torch thread count.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import ray
 from ray.actor import ActorHandle
@@ -15,11 +16,11 @@ from ray.actor import ActorHandle
 from pdserve.api.messages import PrefillRequest, PrefillResult, WorkerStatus
 from pdserve.api.naming import NAMESPACE, actor_name
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.gang import Gang, GangSpec
 
 
 class PrefillWorker:
-    """Rank 0 of a prefill worker; `ranks` are the handles of its other tensor-parallel ranks
-    (`rank.py`)."""
+    """Rank 0 of a prefill worker; `gang` says where its other ranks run."""
 
     def __init__(
         self,
@@ -28,12 +29,17 @@ class PrefillWorker:
         transfer_timeout_s: float,
         threads: int,
         cluster_secret: bytes,
-        ranks: Sequence[ActorHandle] = (),
+        gang: GangSpec,
     ) -> None:
         import torch
 
+        from pdserve.prefill_worker.rank import PrefillRank
         from pdserve.prefill_worker.service import PrefillService
 
+        # NOTE: the other ranks are created before this one loads the model, so that they load
+        # theirs meanwhile (a gang loads again after every restart).
+        args = (engine_config, transfer_timeout_s, threads, cluster_secret)
+        self._gang = Gang(worker_id, gang, PrefillRank, *args)
         torch.set_num_threads(threads)
         self._handles: dict[str, ActorHandle] = {}
         self._svc = PrefillService(
@@ -44,7 +50,7 @@ class PrefillWorker:
             transfer_timeout_s,
             self._decode,
             ray.get_runtime_context().get_node_id(),
-            ranks,
+            self._gang.ranks,
         )
         self._started = False
 
@@ -56,11 +62,12 @@ class PrefillWorker:
         return handle
 
     async def start(self) -> int:
-        """Starts the step loop (once per process: after a restart, the router's supervisor
-        calls it again); returns the longest sequence this worker accepts."""
+        """Leads the gang and starts the step loop (once per process: after a restart, the
+        router's supervisor calls it again); returns the longest sequence this worker
+        accepts."""
         if not self._started:
             self._started = True
-            await self._svc.start()
+            await self._gang.start(self._svc.start)
         return self._svc.engine.max_model_len
 
     async def connect(self, decode_ids: list[str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ray
 
 from pdserve.api.messages import RankStatus
+from pdserve.engine import gang
 from pdserve.engine.config import EngineConfig
 
 
@@ -36,6 +37,9 @@ class PrefillRank:
             ray.get_runtime_context().get_node_id(),
             transfer_timeout_s,
         )
+
+    async def hold(self) -> None:
+        await gang.hold()
 
     async def join(self, host: str, port: int) -> None:
         await self._svc.join(host, port)

@@ -18,6 +18,7 @@ import torch
 from pdserve.api.errors import TransferFailed
 from pdserve.api.messages import ChannelAddress, RankStatus
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.gang import end_gang
 from pdserve.engine.kv_transfer.channel import KVChannel
 from pdserve.engine.kv_transfer.links import Links
 from pdserve.engine.kv_transfer.messages import KVChunk, Message
@@ -92,8 +93,8 @@ class PrefillRankService:
         try:
             while True:
                 self.engine.runner.follow(self._carry_out)
-        except Exception:  # rank 0 is gone; the worker is being torn down
-            logger.exception("rank %d stopped following rank 0", self.tp.rank)
+        except Exception:  # rank 0 is gone, or this rank's step failed: the gang restarts
+            end_gang(f"rank {self.tp.rank} stopped following rank 0")
 
     def _carry_out(self, data: bytes) -> None:
         for order in decode_orders(data):

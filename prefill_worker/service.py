@@ -25,6 +25,7 @@ from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_thread import EngineThread
 from pdserve.engine.event_publisher import EventPublisher
+from pdserve.engine.gang import end_gang
 from pdserve.engine.kv_transfer.sender import KVSender, Outgoing
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.parallel import TPGroup, lead
@@ -211,6 +212,11 @@ class PrefillService:
         try:
             outputs = self.engine.step(self._sender.ship_layer)
         except Exception as e:  # the loop must outlive a bad step, or every request hangs
+            if self.tp.size > 1:
+                # NOTE: the ranks may have stopped at different collectives (a rank died in
+                # one): only a new gang can step again; the router prefills the requests
+                # elsewhere.
+                end_gang("prefill step failed")
             logger.exception("prefill step failed; ending the requests in it")
             self.engine.abort_all()
             for t in self._sender.fail_all():

@@ -1,13 +1,14 @@
 """The router's account of its workers: which are up, restarting or dead.
 
 Workers are Ray actors that Ray restarts (the launcher's `max_restarts`) in a new process under
-the same handle. Whatever notices a failure (a worker's token or KV event stream ending, a call
-raising) reports it here; the worker then leaves placement at once (`on_down`) and a recovery
-task calls its `start` with growing pauses (`backoff_s` doubling up to `max_backoff_s`). A call
-to a restarting actor waits for the new process, so the first `start` that answers re-registers
-the worker in a new epoch (`on_up`: streams and KV events are consumed anew, the index is
-rebuilt from a snapshot). Calls that keep failing with `ActorDiedError` mean Ray has given the
-worker up (its restarts are spent): it is dead for good.
+the same handle (for a TP > 1 worker, its rank 0, whose new process brings a new gang of the
+other ranks: `engine/gang.py`). Whatever notices a failure (a worker's token or KV event stream
+ending, a call raising) reports it here; the worker then leaves placement at once (`on_down`)
+and a recovery task calls its `start` with growing pauses (`backoff_s` doubling up to
+`max_backoff_s`). A call to a restarting actor waits for the new process, so the first `start`
+that answers re-registers the worker in a new epoch (`on_up`: streams and KV events are
+consumed anew, the index is rebuilt from a snapshot). Calls that keep failing with
+`ActorDiedError` mean Ray has given the worker up (its restarts are spent): it is dead for good.
 
 Reasons kept here reach clients (status, errors), so they name what happened, never Ray's
 internals (actor ids, pids, addresses).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Sequence
 
 import torch
@@ -100,3 +102,46 @@ def tp_generate(model_dir, size: int, batches: list[list[list[int]]], **kwargs):
                 p.kill()
     memory = [(w, kv) for _, w, kv, _ in got]
     return got[0][3], memory
+
+
+def _listening_rank(rank, size, host, port, joined, done) -> None:
+    """One rank that joins a TP group at `host` and waits (a spawned process)."""
+    from pdserve.engine.parallel import TPGroup
+
+    tp = TPGroup(rank, size)
+    tp.join(host, port, torch.device("cpu"), 60)
+    x = tp.broadcast(torch.tensor([7 if rank == 0 else 0]))
+    joined.put((rank, os.getpid(), x.item()))
+    done.wait(60)
+
+
+def tp_listening(size: int, host: str) -> list[list[str]]:
+    """The local addresses that each rank of a `size`-rank TP group, joined at `host`, listens
+    on (`ss -ltnp`) once a broadcast crossed it."""
+    import multiprocessing as mp
+
+    from pdserve.engine.parallel import TPGroup
+
+    store = TPGroup.host_store(host, size, 60)
+    ctx = mp.get_context("spawn")
+    joined, done = ctx.Queue(), ctx.Event()
+    procs = [
+        ctx.Process(target=_listening_rank, args=(r, size, host, store.port, joined, done))
+        for r in range(size)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        ranks = sorted(joined.get(timeout=120) for _ in range(size))
+        assert [x for _, _, x in ranks] == [7] * size, "the broadcast did not cross the group"
+        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+        return [
+            [line.split()[3] for line in out.splitlines() if f"pid={pid}," in line]
+            for _, pid, _ in ranks
+        ]
+    finally:
+        done.set()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()

@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from pdserve.api.errors import TransferFailed
-from pdserve.engine.store import bound_store
 from pdserve.engine.kv_transfer.messages import (
     DTYPES,
     HEADER_LEN,
@@ -42,6 +41,7 @@ from pdserve.engine.kv_transfer.messages import (
     decode_done,
     encode_done,
 )
+from pdserve.engine.store import bound_group, bound_store
 
 logger = logging.getLogger(__name__)
 
@@ -128,17 +128,7 @@ class KVChannel:
         # NOTE: the group meets under a prefix named by the proof, so a client of the store
         # that cannot compute it cannot take part in (or disturb) the group's rendezvous.
         store = dist.PrefixStore(f"{proof}/", store)
-        timeout = datetime.timedelta(seconds=timeout_s)
-        if device.type == "cuda":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            group = dist.ProcessGroupNCCL(store, rank, 2, opts)
-        else:
-            opts = dist.ProcessGroupGloo._Options()
-            opts._timeout = timeout
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_host)]
-            group = dist.ProcessGroupGloo(store, rank, 2, opts)
-        return cls(group, rank, device)
+        return cls(bound_group(store, rank, 2, local_host, device, timeout_s), rank, device)
 
     def _header(self, *fields: int) -> torch.Tensor:
         values = list(fields) + [0] * (HEADER_LEN - len(fields))

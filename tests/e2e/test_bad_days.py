@@ -12,23 +12,34 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import grpc
 import pytest
 import torch
-from cluster_helpers import wait_until_idle, worker_status
+from cluster_helpers import worker_status
 from engine_helpers import hf_greedy
-from fault_table import ROWS, Row
-from grpc_health.v1 import health_pb2
+from fault_helpers import (
+    BACK_WITHIN_S,
+    RAY_INTERNALS,
+    SERVING,
+    Load,
+    Monitor,
+    Outcome,
+    Spec,
+    assert_same_tokens,
+    kill_worker,
+    leaked_blocks,
+    make_specs,
+    record,
+    run_all,
+    wait_state,
+    wait_until,
+    worker_pid,
+)
 from grpc_helpers import generate_status, health_status, malformed_requests
 from hypothesis import HealthCheck, given, settings
 from transformers import AutoModelForCausalLM
@@ -37,12 +48,6 @@ from pdserve.api.client import Client
 from pdserve.cluster.config import config_from_dict
 
 pytestmark = pytest.mark.slow
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-REQUEST_BOUND_S = 120.0  # a request still open after this counts as hung
-BACK_WITHIN_S = 30.0
-# What Ray's errors carry and a client must never see.
-RAY_INTERNALS = re.compile(r"actor_id|ActorID|pid[=:]|\bip[=:]|namespace|[0-9a-f]{32}|127\.0\.0\.1")
 
 
 @pytest.fixture(scope="module")
@@ -85,173 +90,6 @@ def client(chaos):
         yield c
 
 
-@dataclass(frozen=True)
-class Spec:
-    prompt: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    seed: int | None = None
-    decode_worker: str = ""
-    request_id: str = ""
-
-
-@dataclass
-class Outcome:
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str = ""
-    code: grpc.StatusCode | None = None
-    details: str = ""
-
-
-def _specs(n: int, max_tokens: int, prompt_len: int = 40, seed: int = 0) -> list[Spec]:
-    """Greedy and seeded-sampling requests, alternating."""
-    g = torch.Generator().manual_seed(seed)
-    return [
-        Spec(
-            torch.randint(3, 1000, (prompt_len + i,), generator=g).tolist(),
-            max_tokens,
-            temperature=0.0 if i % 2 == 0 else 0.9,
-            seed=None if i % 2 == 0 else 1000 + i,
-        )
-        for i in range(n)
-    ]
-
-
-class Load:
-    """Requests streaming, one thread each; `join` returns their outcomes."""
-
-    def __init__(self, target: str, specs: list[Spec]) -> None:
-        self.outcomes = [Outcome() for _ in specs]
-        self._first = [threading.Event() for _ in specs]
-        self._client = Client(target)
-        self._threads = [
-            threading.Thread(target=self._run, args=(i, spec), daemon=True)
-            for i, spec in enumerate(specs)
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _run(self, i: int, spec: Spec) -> None:
-        out = self.outcomes[i]
-        stream = self._client.generate(
-            spec.prompt,
-            timeout=REQUEST_BOUND_S,
-            max_tokens=spec.max_tokens,
-            temperature=spec.temperature,
-            seed=spec.seed,
-            ignore_eos=True,
-            decode_worker=spec.decode_worker,
-            request_id=spec.request_id,
-        )
-        try:
-            for msg in stream:
-                out.tokens.extend(msg.token_ids)
-                if msg.token_ids:
-                    self._first[i].set()
-                out.finish_reason = msg.finish_reason or out.finish_reason
-        except grpc.RpcError as e:
-            out.code, out.details = e.code(), e.details()
-        finally:
-            self._first[i].set()
-
-    def wait_streaming(self, timeout: float = 60.0) -> None:
-        """Until every request has its first tokens."""
-        deadline = time.monotonic() + timeout
-        for event in self._first:
-            assert event.wait(max(0.0, deadline - time.monotonic())), "a request never streamed"
-
-    def join(self) -> list[Outcome]:
-        for t in self._threads:
-            t.join(REQUEST_BOUND_S + 10)
-        self._client.close()
-        return self.outcomes
-
-
-def _run(target: str, specs: list[Spec]) -> list[Outcome]:
-    return Load(target, specs).join()
-
-
-@dataclass(frozen=True)
-class Sample:
-    """Health, between two status calls: a sample whose two statuses differ straddles a
-    change of state, and health may show either side of it."""
-
-    health: int
-    serving_before: bool
-    serving: bool
-    states: dict[str, str]
-
-    @property
-    def settled(self) -> bool:
-        return self.serving_before == self.serving
-
-
-class Monitor:
-    """Samples gRPC health and GetClusterStatus every 50 ms on a thread until `stop`."""
-
-    def __init__(self, target: str) -> None:
-        self.samples: list[Sample] = []
-        self._target = target
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        _wait_until(lambda: bool(self.samples), "the first sample", timeout=20)
-
-    def _poll(self) -> None:
-        with Client(self._target) as c:
-            while not self._stop.is_set():
-                before = c.status(timeout=10).serving
-                health = health_status(self._target, "")
-                status = c.status(timeout=10)
-                states = {w.id: w.state for w in status.workers}
-                self.samples.append(Sample(health, before, status.serving, states))
-                time.sleep(0.05)
-
-    def stop(self) -> list[Sample]:
-        """Stops after one more sample (so the last sample reflects the caller's present)."""
-        taken = len(self.samples)
-        _wait_until(lambda: len(self.samples) > taken + 1, "one more sample", timeout=20)
-        self._stop.set()
-        self._thread.join(20)
-        return self.samples
-
-    def states_of(self, worker_id: str) -> list[str]:
-        """The worker's states in the order seen, repeats dropped."""
-        seen: list[str] = []
-        for sample in self.samples:
-            if not seen or seen[-1] != sample.states[worker_id]:
-                seen.append(sample.states[worker_id])
-        return seen
-
-
-def _pid(cluster, worker_id: str) -> int:
-    import ray
-
-    return ray.get(cluster.workers.all()[worker_id].__ray_call__.remote(lambda _: os.getpid()))
-
-
-def _kill(cluster, worker_id: str) -> None:
-    os.kill(_pid(cluster, worker_id), signal.SIGKILL)
-
-
-def _wait_state(client: Client, worker_id: str, state: str, timeout: float) -> float:
-    """Seconds until status shows `worker_id` in `state`."""
-    start = time.monotonic()
-    while True:
-        states = {w.id: w.state for w in client.status(timeout=10).workers}
-        if states[worker_id] == state:
-            return time.monotonic() - start
-        assert time.monotonic() - start < timeout, f"{worker_id} never became {state}"
-        time.sleep(0.05)
-
-
-def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.005)
-
-
 def _indexed_blocks(cluster, worker_id: str) -> set[int]:
     async def read() -> set[int]:
         return set(cluster.router.index.blocks_of(worker_id))
@@ -259,36 +97,9 @@ def _indexed_blocks(cluster, worker_id: str) -> set[int]:
     return cluster.run(read())
 
 
-def _leaked_blocks(cluster) -> int:
-    statuses = wait_until_idle(cluster, timeout=30)
-    return sum(s.total_blocks - s.free_blocks for s in statuses.values())
-
-
-def _record(fault: str, outcomes: list[Outcome], leaked: int) -> int:
-    """Adds the scenario's row to the fault table; returns `leaked`."""
-    hung = sum(o.code == grpc.StatusCode.DEADLINE_EXCEEDED for o in outcomes)
-    clean = sum(
-        o.code is not None
-        and o.code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-        and o.code != grpc.StatusCode.DEADLINE_EXCEEDED
-        and not RAY_INTERNALS.search(o.details)
-        for o in outcomes
-    )
-    completed = sum(o.code is None and bool(o.finish_reason) for o in outcomes)
-    ROWS.append(Row(fault, len(outcomes), completed, clean, hung, leaked))
-    return leaked
-
-
-def _assert_same_tokens(outcomes: list[Outcome], reference: list[Outcome]) -> None:
-    for i, (got, want) in enumerate(zip(outcomes, reference)):
-        assert got.code is None, f"request {i}: {got.code}: {got.details}"
-        assert got.finish_reason == "length", f"request {i}"
-        assert got.tokens == want.tokens, f"request {i} differs from the undisturbed run"
-
-
 def test_a_killed_decode_worker_loses_no_request_and_is_back_within_30_s(chaos, client):
-    specs = _specs(20, max_tokens=160)
-    reference = _run(chaos.target, specs)
+    specs = make_specs(20, max_tokens=160)
+    reference = run_all(chaos.target, specs)
     assert all(o.code is None and len(o.tokens) == 160 for o in reference)
 
     monitor = Monitor(chaos.target)
@@ -298,22 +109,22 @@ def test_a_killed_decode_worker_loses_no_request_and_is_back_within_30_s(chaos, 
     victim = max(running, key=running.get)
     assert running[victim] > 0, "no request was decoding on the worker to kill"
     killed_at = time.monotonic()
-    _kill(chaos, victim)
+    kill_worker(chaos, victim)
     outcomes = load.join()
-    back_s = _wait_state(client, victim, "up", BACK_WITHIN_S) + time.monotonic() - killed_at
+    back_s = wait_state(client, victim, "up", BACK_WITHIN_S) + time.monotonic() - killed_at
     # a new prompt of 3 full blocks: its KV crosses a rebuilt channel to the new process
-    fresh = _specs(1, 4, prompt_len=48, seed=99)[0].prompt
+    fresh = make_specs(1, 4, prompt_len=48, seed=99)[0].prompt
     pinned = client.complete(fresh, max_tokens=4, decode_worker=victim, timeout=30)
     samples = monitor.stop()
-    leaked = _record("kill a decode worker mid-stream", outcomes, _leaked_blocks(chaos))
+    leaked = record("kill a decode worker mid-stream", outcomes, leaked_blocks(chaos))
 
-    _assert_same_tokens(outcomes, reference)
+    assert_same_tokens(outcomes, reference)
     assert leaked == 0
     assert back_s < BACK_WITHIN_S
     assert pinned.finish_reason == "length" and pinned.decode_worker == victim
     assert pinned.prefill_worker == "prefill-0"
     # the router follows the new process's KV events: its blocks are in the index again
-    _wait_until(lambda: len(_indexed_blocks(chaos, victim)) >= 3, f"{victim} indexed", 10)
+    wait_until(lambda: len(_indexed_blocks(chaos, victim)) >= 3, f"{victim} indexed", 10)
     # health and status agree at every sample; the other decode worker kept the cluster serving
     assert all(s.health == SERVING and s.serving_before and s.serving for s in samples)
     assert monitor.states_of(victim) == ["up", "restarting", "up"]
@@ -325,12 +136,12 @@ def test_a_killed_prefill_worker_loses_no_request(chaos, client, hf_model):
     specs = [Spec(torch.randint(3, 1000, (1500,), generator=g).tolist(), 8) for _ in range(4)]
     monitor = Monitor(chaos.target)
     load = Load(chaos.target, specs)
-    _wait_until(lambda: worker_status(chaos, "prefill-0").running > 0, "prefill-0 computes")
-    _kill(chaos, "prefill-0")
+    wait_until(lambda: worker_status(chaos, "prefill-0").running > 0, "prefill-0 computes")
+    kill_worker(chaos, "prefill-0")
     outcomes = load.join()
-    back_s = _wait_state(client, "prefill-0", "up", BACK_WITHIN_S)
+    back_s = wait_state(client, "prefill-0", "up", BACK_WITHIN_S)
     samples = monitor.stop()
-    leaked = _record("kill the prefill worker mid-prefill", outcomes, _leaked_blocks(chaos))
+    leaked = record("kill the prefill worker mid-prefill", outcomes, leaked_blocks(chaos))
 
     for spec, got in zip(specs, outcomes):
         assert got.code is None, got.details
@@ -345,26 +156,26 @@ def test_a_killed_prefill_worker_loses_no_request(chaos, client, hf_model):
 def test_with_every_decode_worker_down_health_says_so_and_requests_wait_for_the_restart(
     chaos, client
 ):
-    specs = _specs(6, max_tokens=200, seed=5)
-    reference = _run(chaos.target, specs)
+    specs = make_specs(6, max_tokens=200, seed=5)
+    reference = run_all(chaos.target, specs)
     specs[0] = dataclasses.replace(specs[0], request_id="aborted-while-waiting")
     monitor = Monitor(chaos.target)
     load = Load(chaos.target, specs)
     load.wait_streaming()
     for worker_id in ("decode-0", "decode-1"):
-        _kill(chaos, worker_id)
-    _wait_until(lambda: not client.status().serving, "NOT serving", timeout=10)
+        kill_worker(chaos, worker_id)
+    wait_until(lambda: not client.status().serving, "NOT serving", timeout=10)
     client.abort("aborted-while-waiting")
     outcomes = load.join()
     for worker_id in ("decode-0", "decode-1"):
-        _wait_state(client, worker_id, "up", BACK_WITHIN_S)
+        wait_state(client, worker_id, "up", BACK_WITHIN_S)
     samples = monitor.stop()
-    leaked = _record("kill every decode worker mid-stream", outcomes, _leaked_blocks(chaos))
+    leaked = record("kill every decode worker mid-stream", outcomes, leaked_blocks(chaos))
 
     aborted = outcomes[0]
     assert aborted.code is None and aborted.finish_reason == "abort"
     assert aborted.tokens == reference[0].tokens[: len(aborted.tokens)]
-    _assert_same_tokens(outcomes[1:], reference[1:])
+    assert_same_tokens(outcomes[1:], reference[1:])
     assert leaked == 0
     for s in samples:
         assert s.serving == (s.states["decode-0"] == "up" or s.states["decode-1"] == "up")
@@ -376,7 +187,7 @@ def test_with_every_decode_worker_down_health_says_so_and_requests_wait_for_the_
 def _ours_listening(cluster) -> list[str]:
     """Local addresses of the TCP sockets that this process (the router) and every worker
     listen on."""
-    pids = {os.getpid()} | {_pid(cluster, w) for w in cluster.workers.all()}
+    pids = {os.getpid()} | {worker_pid(cluster, w) for w in cluster.workers.all()}
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
     return [
         line.split()[3] for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)
@@ -409,9 +220,9 @@ def test_a_kv_channel_dropped_or_stalled_costs_no_request(
     ray.get(prefill.inject_fault.remote("decode-0", after_messages, stall))
     specs = [Spec(prompt, 8, decode_worker="decode-0") for prompt in fresh[1:]]
     before = worker_status(chaos, "decode-0").prompt_tokens_computed
-    outcomes = _run(chaos.target, specs)
+    outcomes = run_all(chaos.target, specs)
     fault = f"{'stall' if stall else 'drop'} a KV channel at {where}"
-    leaked = _record(fault, outcomes, _leaked_blocks(chaos))
+    leaked = record(fault, outcomes, leaked_blocks(chaos))
 
     for spec, got in zip(specs, outcomes):
         assert got.code is None, got.details
@@ -455,7 +266,7 @@ def test_after_the_fuzz_nothing_leaked(chaos, fuzz_codes):
         for code, n in fuzz_codes.items()
         for _ in range(n)
     ]
-    leaked = _record("3,000 seeded fuzzed requests", outcomes, _leaked_blocks(chaos))
+    leaked = record("3,000 seeded fuzzed requests", outcomes, leaked_blocks(chaos))
     assert sum(fuzz_codes.values()) == FUZZ_REQUESTS
     assert leaked == 0
 
@@ -476,7 +287,7 @@ def test_a_worker_whose_restarts_are_spent_is_dead_and_the_rest_serve(chaos, cli
     import ray
 
     ray.kill(chaos.workers.decode["decode-1"], no_restart=True)
-    _wait_state(client, "decode-1", "dead", 30)
+    wait_state(client, "decode-1", "dead", 30)
     assert all(
         client.complete([5, 6, 7], max_tokens=2).decode_worker == "decode-0" for _ in range(4)
     )

@@ -1,11 +1,12 @@
 """A tensor-parallel engine (2 ranks in 2 processes over real gloo) decodes exactly like one
-rank and like transformers, and each rank holds about half the weights."""
+rank and like transformers, each rank holds about half the weights, and the group's sockets
+listen on the address it is given."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import GREEDY, generate, hf_greedy, make_engine, tp_generate
+from engine_helpers import GREEDY, generate, hf_greedy, make_engine, tp_generate, tp_listening
 from transformers import AutoModelForCausalLM
 
 MAX_TOKENS = GREEDY.max_tokens
@@ -44,3 +45,12 @@ def test_tp2_rank_holds_half_the_weights_and_kv_heads(tiny_llama_dir):
     for weights, kv in memory:
         assert weights == pytest.approx(tp1.weight_bytes / 2, rel=0.1)
         assert kv == tp1.kv_cache_bytes // 2  # 1 of 2 KV heads per rank, same blocks
+
+
+def test_tp_group_listens_on_the_given_address_only():
+    # NOTE: not the address the machine's host name resolves to (where gloo's default device
+    # listens): 127.0.0.2 is loopback too, on Linux.
+    host = "127.0.0.2"
+    for rank, addresses in enumerate(tp_listening(2, host)):
+        assert addresses, f"rank {rank} listens on nothing"
+        assert all(a.startswith(f"{host}:") for a in addresses), (rank, addresses)
