@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -12,7 +13,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pdserve.api.errors import InvalidRequest
+from pdserve.api.errors import CapacityExceeded, InvalidRequest
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.auth import ApiKeyInterceptor, ServerTLS, authorization, key_owner
 from pdserve.router.errors import status_of
@@ -38,9 +39,10 @@ class GenerationServicer:
     stream-stream shape; on the wire the same as the proto's server-streaming RPC). gRPC's
     unary-request path reads every call's message before the handler runs and holds its bytes
     until the call ends, status included; here they are freed once parsed (a refused request
-    holds none while its status goes out). 40 concurrent 4 MB prompts grew the router's peak
-    RSS by 217-236 MiB through the unary path, by 146-156 MiB read here, and by 179-268 MiB
-    through the unary path with `check_serialized_text_size` (2-core VM, 2026-11-30).
+    holds none while its status goes out), and a call refused for overload is never read.
+    40 concurrent 4 MB prompts grew the router's peak RSS by 217-236 MiB through the unary
+    path, by 146-156 MiB read here, and by 179-268 MiB through the unary path with
+    `check_serialized_text_size` (2-core VM, 2026-11-30).
 
     A request belongs to the API key that created it (`auth.key_owner`): its id is unique per
     key, and only that key can abort or resume it.
@@ -52,7 +54,7 @@ class GenerationServicer:
     async def generate(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> None:
-        await _answer(context, self._generate(context))
+        await _answer(context, self._generate(context, time.monotonic()))
 
     async def abort(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         return await _answer(context, self._abort(raw, context))
@@ -62,13 +64,21 @@ class GenerationServicer:
     ) -> pb.ClusterStatus:
         return await _answer(context, self._status(raw))
 
-    async def _generate(self, context: grpc.aio.ServicerContext) -> None:
-        request = self._generate_request(await _read_request(context))
+    async def _generate(self, context: grpc.aio.ServicerContext, arrival: float) -> None:
+        try:
+            # NOTE: an overloaded router refuses a call before it reads the request: the refusal
+            # then waits for no receive and copies none of its bytes.
+            self._router.refuse_if_overloaded()
+            request = self._generate_request(await _read_request(context))
+        except (CapacityExceeded, InvalidRequest) as e:
+            self._router.metrics.request_failed(e, time.monotonic() - arrival)
+            raise
         await self._router.generate(
             request,
             context.write,
             owner=self._owner(context),
             deadline_s=context.time_remaining(),
+            arrival=arrival,
         )
 
     def _generate_request(self, raw: bytes) -> pb.GenerateRequest:

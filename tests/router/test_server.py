@@ -143,6 +143,9 @@ def test_overload_is_resource_exhausted_before_any_work(start_router):
         for request in (build_request("hello"), pb.GenerateRequest(text="")):
             code, details = generate_status(full.target, request)
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        # or before it reads one: a call without a request is refused all the same
+        code, details = messages_status(full.target, [])
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
     finally:
         full.stop()
 
@@ -222,6 +225,9 @@ def test_requests_wait_for_kv_blocks_and_past_the_queue_bound_are_refused_at_onc
             assert time.monotonic() - start < 0.1
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "3 requests wait for KV blocks" in details and "router.max_queued" in details
+            refusals = running.router.metrics.registry.get_sample_value
+            assert refusals("pdserve_overload_refusal_seconds_count") == 1
+            assert refusals("pdserve_overload_refusal_seconds_bucket", {"le": "0.1"}) == 1
             for stream in waiting:
                 stream.cancel()
             running.wait_queued(0)
