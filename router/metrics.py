@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from pdserve.api.errors import PdserveError
+from pdserve.api.errors import CapacityExceeded, PdserveError
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.status import WorkerAnswer
 
@@ -69,6 +69,13 @@ class RouterMetrics:
             registry=r,
         )
         self.e2e = _histogram(r, "e2e_request_latency_seconds", "From arrival to the end")
+        self.overload_refusal = _histogram(
+            r,
+            "overload_refusal_seconds",
+            "From arrival to the refusal of a request refused for overload (RESOURCE_EXHAUSTED: "
+            "the queue is full, its deadline is shorter than the queue's wait, or "
+            "router.max_inflight)",
+        )
         self.queue = _histogram(r, "request_queue_time_seconds", "Waiting on the prefill worker")
         self.prefill = _histogram(r, "request_prefill_time_seconds", "Computing the prompt")
         self.transfer = _histogram(
@@ -122,7 +129,10 @@ class RouterMetrics:
             if t.transfer_s > 0:
                 self.transfer_bandwidth.observe(t.transfer_bytes / t.transfer_s)
 
-    def request_failed(self, error: BaseException) -> None:
+    def request_failed(self, error: BaseException, elapsed_s: float) -> None:
+        """Observes a request that failed `elapsed_s` after its arrival."""
+        if isinstance(error, CapacityExceeded):
+            self.overload_refusal.observe(elapsed_s)
         if isinstance(error, PdserveError):
             code = error.grpc_code
         elif isinstance(error, (asyncio.CancelledError, ConnectionError)):  # the client left

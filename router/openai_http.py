@@ -97,6 +97,7 @@ class OpenAIRoutes:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        arrival = time.monotonic()
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         headers = {"X-Request-Id": request_id}
         parsed = None
@@ -106,12 +107,12 @@ class OpenAIRoutes:
             parsed = parse_request(body, chat=chat, request_id=request_id)
             answer = Answer(parsed, self._router.model_name, self._router.tokenizer)
             if parsed.stream:
-                return await self._stream(request, parsed, answer, headers)
+                return await self._stream(request, parsed, answer, headers, arrival)
 
             async def add(response: pb.GenerateResponse) -> None:
                 answer.add(response)
 
-            await self._router.generate(parsed.request, add, owner=_owner(request))
+            await self._router.generate(parsed.request, add, owner=_owner(request), arrival=arrival)
             return web.json_response(answer.whole(), headers=headers)
         except (ConnectionError, web.HTTPException):
             raise
@@ -120,7 +121,12 @@ class OpenAIRoutes:
             return web.json_response({"error": error}, status=status, headers=headers)
 
     async def _stream(
-        self, request: web.Request, parsed: OpenAIRequest, answer: Answer, headers: dict[str, str]
+        self,
+        request: web.Request,
+        parsed: OpenAIRequest,
+        answer: Answer,
+        headers: dict[str, str],
+        arrival: float,
     ) -> web.StreamResponse:
         """Opens the event stream with the first response, so a request refused before any
         token gets a plain HTTP error; a failure after that is the stream's last event."""
@@ -134,7 +140,9 @@ class OpenAIRoutes:
                 await stream.write(_sse(chunk))
 
         try:
-            await self._router.generate(parsed.request, send, owner=_owner(request))
+            await self._router.generate(
+                parsed.request, send, owner=_owner(request), arrival=arrival
+            )
         except ConnectionError:
             raise
         except Exception as e:

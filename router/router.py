@@ -228,13 +228,16 @@ class Router:
         *,
         owner: str = "",
         deadline_s: float | None = None,
+        arrival: float | None = None,
     ) -> None:
         """Runs one request, calling `send` for each response message; raises a
         `PdserveError` to end the RPC with its status code. Both doors (gRPC and HTTP) come
         here; the request's metrics are observed and its log lines carry its id. `owner`
-        scopes the request id (`auth.key_owner`); `deadline_s` is the time the caller has left.
+        scopes the request id (`auth.key_owner`); `deadline_s` is the time the caller has left;
+        `arrival` is when the door took the call (`time.monotonic()`; now when not given).
         The request counts in flight from its arrival to its end."""
-        arrival = time.monotonic()
+        if arrival is None:
+            arrival = time.monotonic()
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         token = REQUEST_ID.set(request.request_id)
@@ -247,23 +250,30 @@ class Router:
             await send(response)
 
         try:
-            if self._num_arrived >= self.max_inflight:
-                raise CapacityExceeded(
-                    f"{self._num_arrived} requests in flight; the router takes {self.max_inflight}"
-                )
+            self.refuse_if_overloaded()
             self._num_arrived += 1
             try:
                 await self._generate(request, watch, owner, arrival, deadline_s)
             finally:
                 self._num_arrived -= 1
         except BaseException as e:
-            self.metrics.request_failed(e)
+            self.metrics.request_failed(e, time.monotonic() - arrival)
             raise
         else:
             assert final is not None
             self.metrics.request_done(final)
         finally:
             REQUEST_ID.reset(token)
+
+    def refuse_if_overloaded(self) -> None:
+        """Raises `CapacityExceeded` when a newcomer is refused whatever it asks: `max_inflight`
+        requests are in flight, or the queue for KV blocks is full. `generate` checks first;
+        a door may check before it even reads the request."""
+        if self._num_arrived >= self.max_inflight:
+            raise CapacityExceeded(
+                f"{self._num_arrived} requests in flight; the router takes {self.max_inflight}"
+            )
+        self.admission.refuse_if_full()
 
     async def _generate(
         self,
@@ -273,7 +283,6 @@ class Router:
         arrival: float,
         deadline_s: float | None,
     ) -> None:
-        self.admission.refuse_if_full()  # before the request costs a tokenization
         valid = await self._validated(request, owner)
         request_id = request.request_id
         key = (owner, request_id)

@@ -88,27 +88,55 @@ def test_five_times_the_kv_pool_at_once_all_complete(small_pool, tmp_path):
     assert small_pool.router.num_inflight == 0 and small_pool.router.num_queued == 0
 
 
-def test_past_the_queue_bound_the_rest_are_refused_and_none_hangs(small_pool, tmp_path):
-    admission = small_pool.router.admission
-    admission.max_queued = 50
+def test_past_the_queue_bound_the_rest_are_refused_within_100_ms_and_none_hangs(
+    small_pool, tmp_path
+):
+    """500 calls at once, a queue bound of 50: every refusal comes within 100 ms of the call's
+    arrival at the router, and every request admitted completes.
+
+    What is timed is the router's `pdserve_overload_refusal_seconds`: from the moment the
+    router's handler takes the call (gRPC has accepted it and hands it over) to the refusal,
+    which the handler then passes to gRPC to send. It leaves out the time a call spends in the
+    client and in gRPC's own queues before the handler takes it: the client-side times printed
+    here (from each call's start in the flooding process to its status) hold that too. They are
+    no shorter from a bare gRPC server whose handler refuses every call on its first line
+    (medians of 0.08-0.41 s on the 2-core VM, 2026-11-30): gRPC handling 500 calls at once in
+    two processes on two cores.
+    """
+    router = small_pool.router
+    sample = router.metrics.registry.get_sample_value
+    count, within = (
+        "pdserve_overload_refusal_seconds_count",
+        "pdserve_overload_refusal_seconds_bucket",
+    )
+    refused_before = sample(count)
+    within_before = sample(within, {"le": "0.1"})
+    within_1ms_before = sample(within, {"le": "0.001"})
+    router.admission.max_queued = 50
     try:
         results = flood(small_pool, flood_request(), 5 * POOL_REQUESTS, tmp_path)
     finally:
-        admission.max_queued = small_pool.config.router.max_queued
+        router.admission.max_queued = small_pool.config.router.max_queued
     codes = [r["code"] for r in results]
     # the pool's worth runs, the queue's worth waits and runs; the rest are refused
     assert codes.count("OK") >= POOL_REQUESTS + 50
     assert codes.count("OK") + codes.count("RESOURCE_EXHAUSTED") == len(results)
-    assert "RESOURCE_EXHAUSTED" in codes
+    refused = sorted(r["seconds"] for r in results if r["code"] == "RESOURCE_EXHAUSTED")
+    assert refused
+    assert sample(count) - refused_before == len(refused)
+    assert sample(within, {"le": "0.1"}) - within_before == len(refused)
+    within_1ms = sample(within, {"le": "0.001"}) - within_1ms_before
+    print(
+        f"\n500 at once, queue bound 50: {len(refused)} refused within 100 ms of arrival at "
+        f"the router ({within_1ms:.0f} within 1 ms); client-side "
+        f"{refused[len(refused) // 2] * 1000:.0f} ms median, {refused[-1] * 1000:.0f} ms max"
+    )
     assert leaked_blocks(small_pool) == 0
 
 
 def test_an_arrival_at_a_full_queue_is_refused_within_100_ms(small_pool, tmp_path):
-    """One request holds the whole pool, 50 wait behind it: each newcomer is refused at once.
-
-    NOTE: timed one arrival at a time. In a burst of 500 calls at once the client sees its
-    refusals after 0.2-0.3 s on the 2-core VM, as it does from a router that refuses every call
-    on its first line (gRPC's own handling of 500 calls; measured 2026-11-30)."""
+    """One request holds the whole pool, 50 wait behind it: each newcomer is refused at once,
+    timed by the client, one arrival at a time (a burst: the test above)."""
     admission = small_pool.router.admission
     admission.max_queued = 50
     room = small_pool.router.max_model_len - len(PROMPT)
@@ -209,11 +237,7 @@ def test_forty_4mb_text_prompts_are_refused_at_once_without_growing_the_router(
     slowest = max(r["seconds"] for r in results)
     assert slowest < 1.0, f"a 4 MB prompt took {slowest:.2f} s to be refused"
     growth = rss.peak - baseline
-    # NOTE: the issue asks for under 200 MiB. gRPC itself holds the 40 messages as they arrive:
-    # with a servicer that refuses without reading them the peak grew 209-241 MiB on the
-    # 2-core VM, and 216-290 MiB with this router (2026-11-30); before the text bound it
-    # was 2.2 GB. The bound here catches a router that holds or tokenizes the text again.
-    assert growth < 400 << 20, f"the router grew by {growth >> 20} MiB"
+    assert growth < 200 << 20, f"the router grew by {growth >> 20} MiB"
     print(
         f"\n40 x 4 MB: refused in <= {slowest:.2f} s, router RSS +{growth >> 20} MiB peak, small "
         f"request {normal * 1000:.0f} ms alone, <= {max(small) * 1000:.0f} ms during"

@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from grpc_helpers import generate_status, health_status, malformed_requests
+from grpc_helpers import GENERATE, generate_status, health_status, malformed_requests
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 
@@ -63,6 +63,7 @@ BAD_REQUESTS = {
         "chat.messages[0].role",
     ),
     "request id too long": (build_request("hi", request_id="x" * 300), "request_id"),
+    "text too long for any context": (build_request("ab" * 1_000_000), "text"),
     "pinned worker id too long": (
         build_request("hi", decode_worker="d" * 300),
         "placement.decode_worker",
@@ -106,6 +107,23 @@ def test_unknown_field_from_a_newer_client_is_named_by_number(server, raw, field
     assert details.startswith(f"{field}:") and "field number 1" in details
 
 
+def messages_status(target: str, messages: list[bytes]) -> tuple[grpc.StatusCode, str]:
+    """Calls Generate with `messages` as the request stream (a client sends exactly one)."""
+    with grpc.insecure_channel(target) as channel:
+        call = channel.stream_stream(GENERATE, request_serializer=lambda b: b)
+        try:
+            list(call(iter(messages), timeout=10))
+        except grpc.RpcError as e:
+            return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_a_call_without_a_request_is_invalid_argument(server):
+    code, details = messages_status(server.target, [])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("request:")
+
+
 def test_bytes_that_are_no_request_are_invalid_argument(server):
     code, details = generate_status(server.target, b"\xff\xff\xff")
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -125,6 +143,9 @@ def test_overload_is_resource_exhausted_before_any_work(start_router):
         for request in (build_request("hello"), pb.GenerateRequest(text="")):
             code, details = generate_status(full.target, request)
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        # or before it reads one: a call without a request is refused all the same
+        code, details = messages_status(full.target, [])
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
     finally:
         full.stop()
 
@@ -204,6 +225,9 @@ def test_requests_wait_for_kv_blocks_and_past_the_queue_bound_are_refused_at_onc
             assert time.monotonic() - start < 0.1
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "3 requests wait for KV blocks" in details and "router.max_queued" in details
+            refusals = running.router.metrics.registry.get_sample_value
+            assert refusals("pdserve_overload_refusal_seconds_count") == 1
+            assert refusals("pdserve_overload_refusal_seconds_bucket", {"le": "0.1"}) == 1
             for stream in waiting:
                 stream.cancel()
             running.wait_queued(0)

@@ -11,7 +11,11 @@ from pdserve.api.client import build_request
 from pdserve.api.errors import InvalidRequest
 from pdserve.api.sampling import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.router.validation import reject_unknown_fields, validate
+from pdserve.router.validation import (
+    check_serialized_text_size,
+    reject_unknown_fields,
+    validate,
+)
 
 CONTEXT = 64
 
@@ -158,3 +162,54 @@ def test_the_character_bound_never_refuses_text_that_fits(tokenizer):
     )
     text = longest * (CONTEXT - 2)
     assert len(check(build_request(text), tokenizer).prompt_token_ids) < CONTEXT
+
+
+def check_serialized(raw: bytes, tokenizer) -> None:
+    check_serialized_text_size(raw, tokenizer, CONTEXT)
+
+
+def test_serialized_text_past_the_byte_bound_is_refused_without_parsing(tokenizer):
+    limit = 4 * CONTEXT * tokenizer.max_token_chars
+    raw = build_request("ab" * 2_000_000, max_tokens=4, request_id="r").SerializeToString()
+    start = time.perf_counter()
+    with pytest.raises(InvalidRequest) as info:
+        check_serialized(raw, tokenizer)
+    assert time.perf_counter() - start < 0.005  # tags and lengths only: no copy of 4 MB
+    assert info.value.field == "text"
+    assert "4000000 bytes" in str(info.value) and f"at most {limit} bytes" in str(info.value)
+
+
+def test_the_byte_bound_never_refuses_text_within_the_character_bound(tokenizer):
+    """Four bytes of UTF-8 a character: the most bytes that text within that bound can have."""
+    text = "\U0001f642" * (CONTEXT * tokenizer.max_token_chars)
+    check_serialized(
+        build_request(text, max_tokens=4, request_id="r").SerializeToString(), tokenizer
+    )
+    with pytest.raises(InvalidRequest) as info:
+        check_serialized(build_request(text + "x").SerializeToString(), tokenizer)
+    assert info.value.field == "text"
+
+
+def test_the_byte_bound_looks_at_the_input_that_protobuf_keeps(tokenizer):
+    """Of several input fields on the wire the last one wins: here token ids, not the text."""
+    huge_text = build_request("ab" * 100_000).SerializeToString()
+    raw = huge_text + pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2])).SerializeToString()
+    assert pb.GenerateRequest.FromString(raw).WhichOneof("input") == "token_ids"
+    check_serialized(raw, tokenizer)
+    with pytest.raises(InvalidRequest):
+        check_serialized(raw + huge_text, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xff" * 100_000,  # a varint that never ends
+        b"\x13" + b"\x00" * 100_000,  # a group: no GenerateRequest field is one
+        build_request("ab" * 100_000).SerializeToString()[:-10],  # truncated
+        b"\x08\x01" * 50_000,  # 50,000 top-level fields: more than a request can have
+    ],
+)
+def test_bytes_that_are_no_request_are_left_to_the_parser(tokenizer, raw):
+    start = time.perf_counter()
+    check_serialized(raw, tokenizer)
+    assert time.perf_counter() - start < 0.005
