@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from pdserve.api.token_link import HEARTBEAT_S
 from pdserve.router.placement import POLICIES
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -66,6 +67,10 @@ class SupervisionConfig:
     max_restarts: int = 5  # per worker over the cluster's life (-1: no limit); then it is dead
     restart_backoff_s: float = 0.2
     restart_max_backoff_s: float = 5.0
+    # A decode worker that sends nothing for this long (its engine thread sends a heartbeat
+    # every second, idle or not) is stuck, and restarted: above the longest step (a long local
+    # prefill chunk on CPU takes seconds).
+    stall_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,11 @@ class ClusterConfig:
             sup.restart_max_backoff_s >= sup.restart_backoff_s,
             "supervision.restart_max_backoff_s",
             "must be >= supervision.restart_backoff_s",
+        )
+        _check(
+            sup.stall_timeout_s >= 3 * HEARTBEAT_S,
+            "supervision.stall_timeout_s",
+            f"must be >= {3 * HEARTBEAT_S:g} (workers send a heartbeat every {HEARTBEAT_S:g} s)",
         )
         _check(
             self.router.policy in POLICIES, "router.policy", f"must be one of {', '.join(POLICIES)}"

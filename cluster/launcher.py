@@ -210,6 +210,7 @@ async def start_router(
         request_table_ttl_s=settings.request_table_ttl_s,
         restart_backoff_s=config.supervision.restart_backoff_s,
         restart_max_backoff_s=config.supervision.restart_max_backoff_s,
+        stall_timeout_s=config.supervision.stall_timeout_s,
     )
     tls = ServerTLS.from_files(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     api_keys = read_api_keys(settings.api_keys_file) if settings.api_keys_file else ()

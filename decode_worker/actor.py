@@ -104,3 +104,6 @@ class DecodeWorker:
 
     async def token_link(self) -> LinkAddress:
         return await self._svc.token_link()
+
+    async def inject_stall(self, seconds: float) -> None:
+        await self._svc.inject_stall(seconds)

@@ -42,6 +42,7 @@ from pdserve.api.messages import (
     Usage,
     WorkerStatus,
 )
+from pdserve.api.token_link import HEARTBEAT_S
 from pdserve.decode_worker.token_link import TokenLink
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_thread import EngineThread
@@ -107,12 +108,13 @@ class DecodeService:
         self._routes: dict[str, list[Route]] = {}
         self._epochs: dict[str, dict[tuple[int, int], int]] = {}
         self._parts: dict[str, _Parts] = {}  # on the engine thread: transfers in flight
-        self._core = EngineThread(f"engine-{worker_id}", self._step)
+        self._core = EngineThread(f"engine-{worker_id}", self._step, HEARTBEAT_S)
         self._receiver = self._new_receiver(self._admit, self._release, self._fall_back)
         self._extra: dict[int, KVReceiver] = {}  # from prefill ranks > 0, by prefill rank
         self._events = EventPublisher(worker_id, self.engine)
         self._link = TokenLink(host, self._on_link_request)
         self._outbox: list[TokenDelta] = []
+        self._last_sent = time.monotonic()
         self._requests: dict[str, _RequestInfo] = {}
         self.num_fallbacks = 0
 
@@ -201,6 +203,10 @@ class DecodeService:
         """Where the router connects to take this worker's step outputs and hand it requests
         (`pdserve.api.token_link`); a new connection replaces the earlier one."""
         return self._link.open()
+
+    async def inject_stall(self, seconds: float) -> None:
+        """Chaos hook: the engine thread blocks for `seconds`, as a hung step would."""
+        self._core.post(time.sleep, seconds)
 
     def _on_link_request(self, req: PrefillRequest) -> None:
         """A request the router sent over the token link (on the link's thread)."""
@@ -431,9 +437,10 @@ class DecodeService:
     def _flush(self, idle: bool = False) -> None:
         """Hands the deltas and KV events so far to their streams, right after a step (or as
         the worker goes `idle`)."""
-        if self._outbox:
+        now = time.monotonic()
+        if self._outbox or now - self._last_sent >= HEARTBEAT_S:  # tokens, or a heartbeat
             self._link.send(StepOutputs(self.worker_id, tuple(self._outbox)))
-            self._outbox = []
+            self._outbox, self._last_sent = [], now
         self._events.publish(idle)
 
     def _step(self) -> bool:

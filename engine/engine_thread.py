@@ -25,10 +25,13 @@ T = TypeVar("T")
 
 class EngineThread:
     """`step()` runs one step if there is work and says whether to go on at once; False
-    means idle: the thread sleeps until work is handed to it."""
+    means idle: the thread sleeps until work is handed to it, or for at most `idle_tick_s`."""
 
-    def __init__(self, name: str, step: Callable[[], bool]) -> None:
+    def __init__(
+        self, name: str, step: Callable[[], bool], idle_tick_s: float | None = None
+    ) -> None:
         self._step = step
+        self._idle_tick_s = idle_tick_s
         self._inbox: queue.SimpleQueue[
             tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future | None]
         ] = queue.SimpleQueue()
@@ -62,7 +65,7 @@ class EngineThread:
                 logger.exception("engine thread: a step failed")
                 busy = False
             if not busy:
-                self._wake.wait()
+                self._wake.wait(self._idle_tick_s)
 
     def _run_inbox(self) -> None:
         while True:

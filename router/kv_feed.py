@@ -46,14 +46,14 @@ class ActorKVSource:
 class KVFeed:
     """Consumes every source from `start` (or a worker's `watch`) to `stop`. When a worker's
     events end or fail, its blocks leave the index (placement then sees no cache there),
-    `on_lost(worker_id, epoch, reason)` hears of it, and the task ends; `watch` consumes them
+    `on_lost(worker_id, reason, epoch)` hears of it, and the task ends; `watch` consumes them
     anew once the worker is back (its first batch is of a new epoch: the index resyncs)."""
 
     def __init__(
         self,
         index: RadixIndex,
         sources: Mapping[str, KVSource],
-        on_lost: Callable[[str, int, str], None] | None = None,
+        on_lost: Callable[[str, str, int], None] | None = None,
     ) -> None:
         self._index = index
         self._sources = dict(sources)
@@ -113,7 +113,7 @@ class KVFeed:
         logger.warning("KV index: %s dropped: %s", worker_id, reason)
         self._index.remove_worker(worker_id)
         if self._on_lost is not None:
-            self._on_lost(worker_id, epoch, reason)
+            self._on_lost(worker_id, reason, epoch)
 
 
 SNAPSHOT_RETRIES_S = (0.1, 0.5, 2.0)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,17 @@ class WorkerRegistry:
             self._recover(worker), name=f"recover-{worker_id}"
         )
         self._notify()
+
+    def report_stuck(self, worker_id: str, reason: str, epoch: int) -> None:
+        """A worker alive but making no progress (`reason`) is killed, so that Ray restarts
+        its process (one of its `max_restarts`), and is out of service until it is back, as
+        one that died."""
+        worker = self.workers[worker_id]
+        if worker.state != UP or epoch != worker.epoch:
+            return
+        logger.error("%s worker %s is stuck (%s): restarting it", worker.role, worker_id, reason)
+        ray.kill(worker.handle, no_restart=False)
+        self.report_failure(worker_id, f"it was stuck: {reason}", epoch)
 
     def call_failed(self, worker_id: str, error: BaseException) -> None:
         """Reports a failed call if it says that the worker's process is gone; any other

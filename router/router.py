@@ -112,13 +112,15 @@ class Router:
         request_table_ttl_s: float = 600.0,
         restart_backoff_s: float = 0.2,
         restart_max_backoff_s: float = 5.0,
+        stall_timeout_s: float = 120.0,
     ) -> None:
         """`block_size` and `salt` must be the workers' (`pdserve.api.block_hash`), so that
         the router names prompt blocks as the workers' KV events do. `max_inflight` bounds the
         requests between arrival and end (validating, queued or running), `max_queued` those
         waiting for KV blocks (`pdserve.router.admission`). A worker that fails is asked
         whether it is back after `restart_backoff_s`, then at doubling intervals up to
-        `restart_max_backoff_s`."""
+        `restart_max_backoff_s`. A decode worker whose token link is silent for
+        `stall_timeout_s` is stuck: it is restarted."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -146,7 +148,12 @@ class Router:
             cache_weight=cache_weight,
             local_prefill_max_tokens=local_prefill_max_tokens,
         )
-        self._streams = DecodeStreams(decode, on_lost=self.registry.report_failure)
+        self._streams = DecodeStreams(
+            decode,
+            on_lost=self.registry.report_failure,
+            on_stuck=self.registry.report_stuck,
+            stall_timeout_s=stall_timeout_s,
+        )
         workers = {**self.prefill_workers, **self.decode_workers}
         self._kv_feed = KVFeed(
             self.index,

@@ -45,11 +45,20 @@ LINK_TIMEOUT_S = 10.0
 
 class DecodeStreams:
     """Consumes each decode worker's token link, from `watch` (at start, and again whenever the
-    worker comes back) to `stop`; `on_lost(worker_id, epoch, reason)` hears when one ends."""
+    worker comes back) to `stop`; `on_lost(worker_id, reason, epoch)` hears when one ends, and
+    `on_stuck(worker_id, reason, epoch)` when one stays silent for `stall_timeout_s` (a worker
+    sends a heartbeat every `token_link.HEARTBEAT_S` from its engine thread, so it is stuck)."""
 
-    def __init__(self, decode: Mapping[str, Any], on_lost: Callable[[str, int, str], None]) -> None:
+    def __init__(
+        self,
+        decode: Mapping[str, Any],
+        on_lost: Callable[[str, str, int], None],
+        on_stuck: Callable[[str, str, int], None],
+        stall_timeout_s: float,
+    ) -> None:
         self._decode = dict(decode)
-        self._on_lost = on_lost
+        self._on_lost, self._on_stuck = on_lost, on_stuck
+        self._stall_timeout_s = stall_timeout_s
         self._queues: dict[str, tuple[str, asyncio.Queue[Event]]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._links: dict[str, asyncio.Future[TokenLinkClient]] = {}
@@ -115,12 +124,18 @@ class DecodeStreams:
         ready: asyncio.Future[TokenLinkClient],
     ) -> None:
         link = None
-        reason = "the router stopped"
+        reason, report = "the router stopped", self._on_lost
         try:
             link = await TokenLinkClient.connect(await handle.token_link.remote())
             ready.set_result(link)
             while True:
-                outputs = await link.read()
+                try:
+                    async with asyncio.timeout(self._stall_timeout_s):
+                        outputs = await link.read()
+                except TimeoutError:
+                    reason = f"no heartbeat for {self._stall_timeout_s:g} s"
+                    report = self._on_stuck
+                    break
                 for delta in outputs.deltas:
                     entry = self._queues.get(delta.attempt_id)
                     # NOTE: deltas of a request that already ended (cancelled, stopped by a stop
@@ -138,4 +153,4 @@ class DecodeStreams:
             if not ready.done():
                 ready.set_exception(ConnectionError(reason))
                 ready.exception()  # read here: a request may never ask for it
-        self._on_lost(worker_id, epoch, reason)
+        report(worker_id, reason, epoch)

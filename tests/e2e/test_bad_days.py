@@ -48,6 +48,7 @@ from pdserve.api.client import Client
 from pdserve.cluster.config import config_from_dict
 
 pytestmark = pytest.mark.slow
+STALL_TIMEOUT_S = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,11 @@ def chaos(tiny_llama_dir):
             "prefill": {"workers": 1, "token_budget": 256},
             "decode": {"workers": 2},
             "kv_transfer": {"timeout_s": 3},
-            "supervision": {"restart_backoff_s": 0.1, "restart_max_backoff_s": 1.0},
+            "supervision": {
+                "restart_backoff_s": 0.1,
+                "restart_max_backoff_s": 1.0,
+                "stall_timeout_s": STALL_TIMEOUT_S,
+            },
             # NOTE: 0 sends every prompt through the prefill worker and a KV channel.
             "router": {"listen": "127.0.0.1:0", "local_prefill_max_tokens": 0},
         }
@@ -128,6 +133,55 @@ def test_a_killed_decode_worker_loses_no_request_and_is_back_within_30_s(chaos, 
     # health and status agree at every sample; the other decode worker kept the cluster serving
     assert all(s.health == SERVING and s.serving_before and s.serving for s in samples)
     assert monitor.states_of(victim) == ["up", "restarting", "up"]
+
+
+def _busiest_decode_worker(client: Client) -> str:
+    running = {w.id: w.running for w in client.status().workers if w.role == "decode"}
+    victim = max(running, key=running.get)
+    assert running[victim] > 0, "no request was decoding on the worker to pick"
+    return victim
+
+
+def test_a_killed_decode_worker_is_noticed_with_nobody_asking_for_status(chaos, client):
+    """Nothing polls status or health from the kill until every request is done: the end of
+    the worker's token link alone takes it out of service and moves its requests."""
+    specs = make_specs(6, max_tokens=160, seed=11)
+    reference = run_all(chaos.target, specs)
+    load = Load(chaos.target, specs)
+    load.wait_streaming()
+    victim = _busiest_decode_worker(client)
+    kill_worker(chaos, victim)
+    outcomes = load.join()
+    wait_state(client, victim, "up", BACK_WITHIN_S)
+
+    assert_same_tokens(outcomes, reference)
+    assert leaked_blocks(chaos) == 0
+
+
+def test_a_stuck_decode_worker_is_restarted_and_loses_no_request(chaos, client):
+    """A decode worker whose engine thread hangs (alive, answering Ray, sending nothing) is
+    taken for stuck once its token link is silent for `supervision.stall_timeout_s`: killed,
+    restarted by Ray, back in a new process, and its requests finish elsewhere unchanged."""
+    import ray
+
+    specs = make_specs(6, max_tokens=160, seed=13)
+    reference = run_all(chaos.target, specs)
+    load = Load(chaos.target, specs)
+    load.wait_streaming()
+    victim = _busiest_decode_worker(client)
+    pid = worker_pid(chaos, victim)
+    monitor = Monitor(chaos.target)
+    ray.get(chaos.workers.decode[victim].inject_stall.remote(3600.0))
+    outcomes = load.join()
+    wait_state(client, victim, "up", STALL_TIMEOUT_S + BACK_WITHIN_S)
+    samples = monitor.stop()
+    leaked = record("a decode worker stuck mid-stream", outcomes, leaked_blocks(chaos))
+
+    assert_same_tokens(outcomes, reference)
+    assert leaked == 0
+    assert worker_pid(chaos, victim) != pid  # a new process
+    assert monitor.states_of(victim) == ["up", "restarting", "up"]
+    assert all(s.health == SERVING and s.serving for s in samples)  # the other one served
 
 
 def test_a_killed_prefill_worker_loses_no_request(chaos, client, hf_model):
