@@ -68,7 +68,8 @@ class DecodeStreams:
         earlier consumer of it."""
         old = self._tasks.get(worker_id)
         if old is not None:
-            old.cancel()
+            old.cancel()  # NOTE: a task cancelled before it ran never reaches its `finally`
+            _fail(self._links[worker_id], "its token link was replaced")
         ready = self._links[worker_id] = asyncio.get_running_loop().create_future()
         self._tasks[worker_id] = asyncio.create_task(
             self._consume(worker_id, epoch, self._decode[worker_id], ready),
@@ -150,7 +151,12 @@ class DecodeStreams:
         finally:
             if link is not None:
                 link.close()
-            if not ready.done():
-                ready.set_exception(ConnectionError(reason))
-                ready.exception()  # read here: a request may never ask for it
+            _fail(ready, reason)
         report(worker_id, reason, epoch)
+
+
+def _fail(ready: asyncio.Future[TokenLinkClient], reason: str) -> None:
+    """Tells whoever waits for a link that never came up why (unless it did)."""
+    if not ready.done():
+        ready.set_exception(ConnectionError(reason))
+        ready.exception()  # read here: a request may never ask for it
