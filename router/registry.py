@@ -136,6 +136,11 @@ class WorkerRegistry:
         try:
             while True:
                 await asyncio.sleep(delay)
+                if not ray.is_initialized():
+                    # NOTE: Ray itself was shut down under the router: nothing will come back,
+                    # and a call now would start a new local Ray instance in this process.
+                    logger.info("Ray is shut down; %s stays down", worker.worker_id)
+                    return
                 try:
                     await asyncio.wait_for(worker.handle.start.remote(), START_TIMEOUT_S)
                     break
