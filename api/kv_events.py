@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import msgpack
 
+# A worker's engine thread publishes a batch at least this often, an empty one when nothing
+# changed: a worker whose events stop for much longer (`supervision.stall_timeout_s`) is stuck.
+HEARTBEAT_S = 1.0
+
 _STORED, _REMOVED = 1, 2
 
 

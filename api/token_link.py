@@ -24,9 +24,6 @@ from pdserve.api.messages import LinkAddress, PrefillRequest, StepOutputs
 
 HEADER = struct.Struct("!I")
 TICKET_BYTES = 16
-# A worker sends an empty `StepOutputs` when it has sent nothing for this long, idle or not, from
-# its engine thread: a link silent for much longer means a stuck worker.
-HEARTBEAT_S = 1.0
 
 
 def encode_frame(message: object) -> bytes:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pdserve.api.token_link import HEARTBEAT_S
+from pdserve.api.kv_events import HEARTBEAT_S
 from pdserve.router.placement import POLICIES
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")

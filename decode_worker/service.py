@@ -30,6 +30,7 @@ from functools import partial
 from typing import Any
 
 from pdserve.api.errors import CapacityExceeded, PdserveError
+from pdserve.api.kv_events import HEARTBEAT_S
 from pdserve.api.messages import (
     ChannelAddress,
     LinkAddress,
@@ -42,7 +43,6 @@ from pdserve.api.messages import (
     Usage,
     WorkerStatus,
 )
-from pdserve.api.token_link import HEARTBEAT_S
 from pdserve.decode_worker.token_link import TokenLink
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine_thread import EngineThread
@@ -108,13 +108,13 @@ class DecodeService:
         self._routes: dict[str, list[Route]] = {}
         self._epochs: dict[str, dict[tuple[int, int], int]] = {}
         self._parts: dict[str, _Parts] = {}  # on the engine thread: transfers in flight
+        # NOTE: the idle tick publishes the KV events' heartbeat while nothing runs.
         self._core = EngineThread(f"engine-{worker_id}", self._step, HEARTBEAT_S)
         self._receiver = self._new_receiver(self._admit, self._release, self._fall_back)
         self._extra: dict[int, KVReceiver] = {}  # from prefill ranks > 0, by prefill rank
         self._events = EventPublisher(worker_id, self.engine)
         self._link = TokenLink(host, self._on_link_request)
         self._outbox: list[TokenDelta] = []
-        self._last_sent = time.monotonic()
         self._requests: dict[str, _RequestInfo] = {}
         self.num_fallbacks = 0
 
@@ -437,10 +437,9 @@ class DecodeService:
     def _flush(self, idle: bool = False) -> None:
         """Hands the deltas and KV events so far to their streams, right after a step (or as
         the worker goes `idle`)."""
-        now = time.monotonic()
-        if self._outbox or now - self._last_sent >= HEARTBEAT_S:  # tokens, or a heartbeat
+        if self._outbox:
             self._link.send(StepOutputs(self.worker_id, tuple(self._outbox)))
-            self._outbox, self._last_sent = [], now
+            self._outbox = []
         self._events.publish(idle)
 
     def _step(self) -> bool:

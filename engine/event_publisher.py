@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from pdserve.api.kv_events import (
+    HEARTBEAT_S,
     KVEventBatch,
     KVSnapshot,
     WorkerLoad,
@@ -47,12 +48,14 @@ class EventPublisher:
 
     def publish(self, idle: bool = False) -> None:
         """Sends the events since the last call, or the load alone when it changed and the
-        last batch is old enough, or the worker goes `idle` (no later call would send it)."""
+        last batch is old enough, or the worker goes `idle` (no later call would send it), or
+        an empty batch as the heartbeat when nothing went out for `HEARTBEAT_S`."""
         events = tuple(self._engine.drain_kv_events())
         load = self._load()
         now = time.monotonic()
         recent = now - self._last_sent < LOAD_INTERVAL_S and not idle
-        if not events and (load == self._last_load or recent):
+        heartbeat = now - self._last_sent >= HEARTBEAT_S
+        if not events and not heartbeat and (load == self._last_load or recent):
             return
         self._append(events, load)
         self._last_load, self._last_sent = load, now

@@ -89,6 +89,9 @@ class PrefillWorker:
         async for batch in self._svc.kv_events():
             yield batch
 
+    async def inject_stall(self, seconds: float) -> None:
+        await self._svc.inject_stall(seconds)
+
     async def inject_fault(
         self, decode_id: str, after_messages: int | None, stall: bool = False
     ) -> None:

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from pdserve.api.errors import PdserveError, TransferFailed
+from pdserve.api.kv_events import HEARTBEAT_S
 from pdserve.api.messages import PrefillRequest, PrefillResult, RankStatus, WorkerStatus
 from pdserve.api.sampling import SamplingParams
 from pdserve.engine.config import EngineConfig
@@ -54,7 +55,8 @@ class PrefillService:
         self._ranks = list(ranks)
         self.tp = TPGroup(0, 1 + len(ranks))
         self.engine = LLMEngine(config, self.tp)
-        self._core = EngineThread(f"engine-{worker_id}", self._step)
+        # NOTE: the idle tick publishes the KV events' heartbeat while nothing runs.
+        self._core = EngineThread(f"engine-{worker_id}", self._step, HEARTBEAT_S)
         self._decode_handle = decode_handle
         self._sender = KVSender(
             worker_id,
@@ -156,6 +158,10 @@ class PrefillService:
         # engine thread runs `_abort` after `_begin` all the same (its inbox is FIFO).
         done.set_result(PrefillResult(attempt_id, False, "CANCELLED", "aborted"))
         return await self._core.call(self._abort, attempt_id)
+
+    async def inject_stall(self, seconds: float) -> None:
+        """Chaos hook: the engine thread blocks for `seconds`, as a hung step would."""
+        self._core.post(time.sleep, seconds)
 
     async def inject_fault(
         self, decode_id: str, after_messages: int | None, stall: bool = False

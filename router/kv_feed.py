@@ -47,17 +47,24 @@ class KVFeed:
     """Consumes every source from `start` (or a worker's `watch`) to `stop`. When a worker's
     events end or fail, its blocks leave the index (placement then sees no cache there),
     `on_lost(worker_id, reason, epoch)` hears of it, and the task ends; `watch` consumes them
-    anew once the worker is back (its first batch is of a new epoch: the index resyncs)."""
+    anew once the worker is back (its first batch is of a new epoch: the index resyncs).
+
+    A worker's engine thread publishes at least every `kv_events.HEARTBEAT_S`, idle or not:
+    events that stop for `stall_timeout_s` mean a stuck worker, which `on_stuck(worker_id,
+    reason, epoch)` hears of instead."""
 
     def __init__(
         self,
         index: RadixIndex,
         sources: Mapping[str, KVSource],
         on_lost: Callable[[str, str, int], None] | None = None,
+        on_stuck: Callable[[str, str, int], None] | None = None,
+        stall_timeout_s: float | None = None,
     ) -> None:
         self._index = index
         self._sources = dict(sources)
-        self._on_lost = on_lost
+        self._on_lost, self._on_stuck = on_lost, on_stuck
+        self._stall_timeout_s = stall_timeout_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
@@ -83,8 +90,19 @@ class KVFeed:
         self._tasks = {}
 
     async def _consume(self, worker_id: str, epoch: int, source: KVSource) -> None:
+        report, events = self._on_lost, aiter(source.events())
         try:
-            async for data in source.events():
+            while True:
+                try:
+                    async with asyncio.timeout(self._stall_timeout_s):
+                        data = await anext(events)
+                except StopAsyncIteration:
+                    reason = "its KV events ended"
+                    break
+                except TimeoutError:
+                    reason = f"no KV events, not even a heartbeat, for {self._stall_timeout_s:g} s"
+                    report = self._on_stuck
+                    break
                 batch = decode_batch(data)
                 if batch.worker_id != worker_id:
                     raise ValueError(f"a batch of {batch.worker_id!r} in the events of {worker_id}")
@@ -104,7 +122,6 @@ class KVFeed:
                 # NOTE: the snapshot was taken after this batch was published, so it covers
                 # the batch unless the batch belongs to an older epoch; either way it is done.
                 self._index.apply(batch)
-            reason = "its KV events ended"
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -112,8 +129,8 @@ class KVFeed:
             reason = describe(e)
         logger.warning("KV index: %s dropped: %s", worker_id, reason)
         self._index.remove_worker(worker_id)
-        if self._on_lost is not None:
-            self._on_lost(worker_id, reason, epoch)
+        if report is not None:
+            report(worker_id, reason, epoch)
 
 
 SNAPSHOT_RETRIES_S = (0.1, 0.5, 2.0)

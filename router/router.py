@@ -119,8 +119,8 @@ class Router:
         requests between arrival and end (validating, queued or running), `max_queued` those
         waiting for KV blocks (`pdserve.router.admission`). A worker that fails is asked
         whether it is back after `restart_backoff_s`, then at doubling intervals up to
-        `restart_max_backoff_s`. A decode worker whose token link is silent for
-        `stall_timeout_s` is stuck: it is restarted."""
+        `restart_max_backoff_s`. A worker whose KV events (a heartbeat at least every second)
+        stop for `stall_timeout_s` is stuck: it is restarted."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -148,17 +148,14 @@ class Router:
             cache_weight=cache_weight,
             local_prefill_max_tokens=local_prefill_max_tokens,
         )
-        self._streams = DecodeStreams(
-            decode,
-            on_lost=self.registry.report_failure,
-            on_stuck=self.registry.report_stuck,
-            stall_timeout_s=stall_timeout_s,
-        )
+        self._streams = DecodeStreams(decode, on_lost=self.registry.report_failure)
         workers = {**self.prefill_workers, **self.decode_workers}
         self._kv_feed = KVFeed(
             self.index,
             {w: ActorKVSource(h) for w, h in workers.items()},
             on_lost=self.registry.report_failure,
+            on_stuck=self.registry.report_stuck,
+            stall_timeout_s=stall_timeout_s,
         )
         self._finished = RequestTable(request_table_size, request_table_ttl_s)
         self.admission = Admission(max_queued)

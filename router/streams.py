@@ -45,20 +45,11 @@ LINK_TIMEOUT_S = 10.0
 
 class DecodeStreams:
     """Consumes each decode worker's token link, from `watch` (at start, and again whenever the
-    worker comes back) to `stop`; `on_lost(worker_id, reason, epoch)` hears when one ends, and
-    `on_stuck(worker_id, reason, epoch)` when one stays silent for `stall_timeout_s` (a worker
-    sends a heartbeat every `token_link.HEARTBEAT_S` from its engine thread, so it is stuck)."""
+    worker comes back) to `stop`; `on_lost(worker_id, reason, epoch)` hears when one ends."""
 
-    def __init__(
-        self,
-        decode: Mapping[str, Any],
-        on_lost: Callable[[str, str, int], None],
-        on_stuck: Callable[[str, str, int], None],
-        stall_timeout_s: float,
-    ) -> None:
+    def __init__(self, decode: Mapping[str, Any], on_lost: Callable[[str, str, int], None]) -> None:
         self._decode = dict(decode)
-        self._on_lost, self._on_stuck = on_lost, on_stuck
-        self._stall_timeout_s = stall_timeout_s
+        self._on_lost = on_lost
         self._queues: dict[str, tuple[str, asyncio.Queue[Event]]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._links: dict[str, asyncio.Future[TokenLinkClient]] = {}
@@ -125,18 +116,12 @@ class DecodeStreams:
         ready: asyncio.Future[TokenLinkClient],
     ) -> None:
         link = None
-        reason, report = "the router stopped", self._on_lost
+        reason = "the router stopped"
         try:
             link = await TokenLinkClient.connect(await handle.token_link.remote())
             ready.set_result(link)
             while True:
-                try:
-                    async with asyncio.timeout(self._stall_timeout_s):
-                        outputs = await link.read()
-                except TimeoutError:
-                    reason = f"no heartbeat for {self._stall_timeout_s:g} s"
-                    report = self._on_stuck
-                    break
+                outputs = await link.read()
                 for delta in outputs.deltas:
                     entry = self._queues.get(delta.attempt_id)
                     # NOTE: deltas of a request that already ended (cancelled, stopped by a stop
@@ -152,7 +137,7 @@ class DecodeStreams:
             if link is not None:
                 link.close()
             _fail(ready, reason)
-        report(worker_id, reason, epoch)
+        self._on_lost(worker_id, reason, epoch)
 
 
 def _fail(ready: asyncio.Future[TokenLinkClient], reason: str) -> None:

@@ -160,8 +160,9 @@ def test_a_killed_decode_worker_is_noticed_with_nobody_asking_for_status(chaos, 
 
 def test_a_stuck_decode_worker_is_restarted_and_loses_no_request(chaos, client):
     """A decode worker whose engine thread hangs (alive, answering Ray, sending nothing) is
-    taken for stuck once its token link is silent for `supervision.stall_timeout_s`: killed,
-    restarted by Ray, back in a new process, and its requests finish elsewhere unchanged."""
+    taken for stuck once its KV events, heartbeat included, stop for
+    `supervision.stall_timeout_s`: killed, restarted by Ray, back in a new process, and its
+    requests finish elsewhere unchanged."""
     import ray
 
     specs = make_specs(6, max_tokens=160, seed=13)
@@ -205,6 +206,32 @@ def test_a_killed_prefill_worker_loses_no_request(chaos, client, hf_model):
     # the decode workers prefill meanwhile: the cluster serves, and says so
     assert all(s.health == SERVING and s.serving_before and s.serving for s in samples)
     assert monitor.states_of("prefill-0") == ["up", "restarting", "up"]
+
+
+def test_a_stuck_prefill_worker_is_restarted_and_loses_no_request(chaos, client, hf_model):
+    """A prefill worker whose engine thread hangs mid-prefill: once its KV events stop for the
+    stall timeout it is killed and restarted, and the decode workers prefill its requests."""
+    import ray
+
+    g = torch.Generator().manual_seed(23)
+    specs = [Spec(torch.randint(3, 1000, (1500,), generator=g).tolist(), 8) for _ in range(4)]
+    load = Load(chaos.target, specs)
+    wait_until(lambda: worker_status(chaos, "prefill-0").running > 0, "prefill-0 computes")
+    pid = worker_pid(chaos, "prefill-0")
+    monitor = Monitor(chaos.target)
+    ray.get(chaos.workers.prefill["prefill-0"].inject_stall.remote(3600.0))
+    outcomes = load.join()
+    wait_state(client, "prefill-0", "up", STALL_TIMEOUT_S + BACK_WITHIN_S)
+    samples = monitor.stop()
+    leaked = record("the prefill worker stuck mid-prefill", outcomes, leaked_blocks(chaos))
+
+    for spec, got in zip(specs, outcomes):
+        assert got.code is None, got.details
+        assert got.tokens == hf_greedy(hf_model, spec.prompt, spec.max_tokens)
+    assert leaked == 0
+    assert worker_pid(chaos, "prefill-0") != pid  # a new process
+    assert monitor.states_of("prefill-0") == ["up", "restarting", "up"]
+    assert all(s.health == SERVING and s.serving for s in samples)
 
 
 def test_with_every_decode_worker_down_health_says_so_and_requests_wait_for_the_restart(
