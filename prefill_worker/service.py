@@ -124,7 +124,7 @@ class PrefillService:
         first token does it (or an abort did)."""
         req, aid = t.request, t.request.attempt_id
         try:
-            reply, chan = await self._sender.reserve(t)
+            reply = await self._sender.reserve(t)
         except TransferFailed as e:
             await self._core.call(self._drop, t)
             if not done.done():  # no channel to the decode worker: it decides what to do
@@ -146,7 +146,7 @@ class PrefillService:
                 if not done.done():
                     done.set_result(PrefillResult(aid, True))
                 return
-            closed = await self._core.call(self._sender.landed, t, reply, chan)
+            closed = await self._core.call(self._sender.landed, t)
             if closed and not done.done():  # the first token was waiting for the reservation
                 done.set_result(PrefillResult(aid, True))
 
