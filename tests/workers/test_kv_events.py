@@ -94,3 +94,43 @@ def test_events_build_the_index_and_a_restarted_worker_replaces_what_it_knew(tin
         await feed.stop()
 
     asyncio.run(scenario())
+
+
+class _ServiceSource:
+    def __init__(self, service: DecodeService) -> None:
+        self.service = service
+
+    def events(self):
+        return self.service.kv_events()
+
+    async def snapshot(self) -> bytes:
+        return await self.service.kv_snapshot()
+
+
+def test_an_idle_worker_keeps_publishing_and_a_stuck_one_is_reported_stuck(tiny_llama_dir):
+    """The engine thread publishes a heartbeat batch every second while idle, so an idle worker
+    is never taken for stuck; once it hangs, its events stop and the feed says so."""
+    config = EngineConfig(model=str(tiny_llama_dir), num_blocks=32)
+
+    async def scenario():
+        svc = DecodeService("decode-0", config, "127.0.0.1", b"s", 5.0)
+        await svc.start()
+        lost, stuck = [], []
+        feed = KVFeed(
+            RadixIndex(),
+            {"decode-0": _ServiceSource(svc)},
+            on_lost=lambda *a: lost.append(a),
+            on_stuck=lambda *a: stuck.append(a),
+            stall_timeout_s=3.0,
+        )
+        feed.start()
+        await asyncio.sleep(5.0)  # idle for longer than the stall timeout
+        assert lost == [] and stuck == []
+        await svc.inject_stall(30.0)
+        await _until(lambda: bool(stuck), timeout=10.0)
+        [(worker_id, reason, epoch)] = stuck
+        assert worker_id == "decode-0" and epoch == 0 and "heartbeat" in reason
+        assert lost == []
+        await feed.stop()
+
+    asyncio.run(scenario())
