@@ -73,13 +73,14 @@ class DecodeStreams:
         ready = self._links.get(worker_id)
         if ready is None:
             raise ConnectionError("it has no token link")
-        try:
-            link = await asyncio.wait_for(asyncio.shield(ready), LINK_TIMEOUT_S)
-        except TimeoutError:
-            raise ConnectionError(
-                f"its token link was not up within {LINK_TIMEOUT_S:.0f} s"
-            ) from None
-        link.send(request)
+        if not ready.done():  # only while the link is being set up
+            try:
+                await asyncio.wait_for(asyncio.shield(ready), LINK_TIMEOUT_S)
+            except TimeoutError:
+                raise ConnectionError(
+                    f"its token link was not up within {LINK_TIMEOUT_S:.0f} s"
+                ) from None
+        ready.result().send(request)  # raises the link's ConnectionError if it never came up
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
