@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.dense_kv import DenseView
-from pdserve.kernels import decode_attention, prefill_attention, write_kv_cache
+from pdserve.kernels import (
+    decode_attention,
+    dense_decode_attention,
+    prefill_attention,
+    write_kv_cache,
+)
 
 
 @dataclass
@@ -99,20 +104,9 @@ def _dense_decode(
     keys, values = view.mirror.layer(k_cache)
     keys[view.slots, :, view.positions] = k.to(keys.dtype)
     values[view.slots, :, view.positions] = v.to(values.dtype)
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads, n = keys.shape[1], view.max_len
     if view.order is not None:
         q = q.index_select(0, view.order)
-    # The query heads of one KV head form the "query length" axis of that KV head.
-    qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(
-        qg,
-        keys[:batch, :, :n].float(),
-        values[:batch, :, :n].float(),
-        attn_mask=view.mask,
-        scale=scale,
-    )
-    out = out.reshape(batch, num_heads, head_dim).to(q.dtype)
+    out = dense_decode_attention(q, keys, values, view.lens, scale)
     return out if view.order is None else out.index_select(0, view.slots)
 
 

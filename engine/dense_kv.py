@@ -33,19 +33,15 @@ class DenseView:
     """Where this step's decode rows live in the mirror.
 
     `slots[i]` is the mirror row of decode row i; `order` lists decode rows in slot order
-    (None when the two orders agree); `mask` is `[batch, 1, 1, max_len]`, true where a key
-    is inside its sequence (the new token included).
+    (None when the two orders agree); `lens[j]` is the number of keys of mirror row j (the new
+    token included).
     """
 
     mirror: DenseKV
     slots: torch.Tensor
     positions: torch.Tensor
     order: torch.Tensor | None
-    mask: torch.Tensor
-
-    @property
-    def max_len(self) -> int:
-        return self.mask.shape[-1]
+    lens: torch.Tensor
 
 
 @dataclass
@@ -91,13 +87,12 @@ class DenseKV:
         slot_t = torch.tensor(slots, dtype=torch.long)
         order = None if identity else torch.argsort(slot_t)
         lens_by_slot = (positions + 1) if order is None else (positions + 1)[order]
-        mask = torch.arange(max_len)[None, :] < lens_by_slot[:, None]
         return DenseView(
             self,
             slot_t.to(dev),
             positions.to(dev),
             None if order is None else order.to(dev),
-            mask[:, None, None, :].to(dev),
+            lens_by_slot.to(dev),
         )
 
     def layer(self, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

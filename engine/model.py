@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pdserve.api.errors import ModelLoadError
@@ -109,8 +108,7 @@ class DecoderLayer(nn.Module):
         return self.o(out.reshape(t, self.q_size))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(self.gate_up.silu_and_mul(x))
 
 
 class CausalLM(nn.Module):

@@ -22,7 +22,7 @@ from torch import nn
 from pdserve.api.errors import ModelLoadError
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.weights import LazyTensor
-from pdserve.kernels import linear
+from pdserve.kernels import linear, silu_and_mul_linear
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,11 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of a bias-free [gate; up] pair, the two halves of the output."""
+        assert self.bias is None and len(self.sizes) == 2 and self.sizes[0] == self.sizes[1]
+        return silu_and_mul_linear(x, self.weight)
 
     def load(self, part: str, src: LazyTensor, bias: bool = False) -> None:
         p, off = self._parts[part]

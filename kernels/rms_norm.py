@@ -16,7 +16,8 @@ def rms_norm_ref(
         x = x + residual
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    out = weight * normed.to(x.dtype)
+    out = normed.to(x.dtype)  # a fresh tensor either way: scaled in place when types agree
+    out = out.mul_(weight) if out.dtype == weight.dtype else weight * out
     return out if residual is None else (out, x)
 
 

@@ -59,9 +59,17 @@ def rope_cos_sin_cache(
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)``, bit for bit, on the halves."""
+    """``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)``, bit for bit, on the halves,
+    written into the halves of one output (no concatenation).
+
+    NOTE: not ``addcmul_``: its fused multiply-add rounds once, so it is not bit for bit.
+    """
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).sub_(x2 * sin)
+    torch.mul(x2, cos, out=out2).add_(x1 * sin)
+    return out
 
 
 def rotary_embedding_ref(
