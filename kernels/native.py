@@ -83,7 +83,8 @@ def _build(name: str, compiler: str) -> Path:
         cmd = [compiler, *_FLAGS, str(_CSRC / f"{name}.c"), "-o", tmp, "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
+            errors = [line for line in done.stderr.splitlines() if "error" in line]
+            raise OSError((errors or [f"{compiler} exited with {done.returncode}"])[0])
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 
+from pdserve.kernels import native
 from pdserve.kernels._triton import lazy_jit, next_pow2, tl, use_triton
 
 NormOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -79,10 +83,58 @@ def rms_norm_triton(
     return out if new_residual is None else (out, new_residual)
 
 
+def rms_norm_native(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> NormOutput | None:
+    """The one-pass C kernel of `csrc/rms_norm.c` for float32 on CPU; None where it does not
+    apply (another dtype or layout, or no kernel built on this machine)."""
+    kernel = _native_kernel()
+    tensors = (x, weight) if residual is None else (x, weight, residual)
+    if (
+        kernel is None
+        or x.dim() != 2
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
+        or any(t.stride(-1) != 1 for t in tensors)
+        or weight.shape != (x.shape[1],)
+        or (residual is not None and residual.shape != x.shape)
+    ):
+        return None
+    rows, hidden = x.shape
+    out = torch.empty(rows, hidden)
+    new_residual = None if residual is None else torch.empty(rows, hidden)
+    kernel(
+        x.data_ptr(),
+        x.stride(0),
+        None if residual is None else residual.data_ptr(),
+        0 if residual is None else residual.stride(0),
+        weight.data_ptr(),
+        out.data_ptr(),
+        None if new_residual is None else new_residual.data_ptr(),
+        rows,
+        hidden,
+        eps,
+        torch.get_num_threads(),
+    )
+    return out if new_residual is None else (out, new_residual)
+
+
+@functools.cache
+def _native_kernel() -> ctypes._CFuncPtr | None:
+    lib = native.load("rms_norm")
+    if lib is None:
+        return None
+    fn = lib.rms_norm_f32
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> NormOutput:
     """RMSNorm of ``x`` ``[T, hidden]``; with ``residual``, returns ``(norm(x + r), x + r)``."""
     if use_triton(x):
         return rms_norm_triton(x, weight, eps, residual)
-    return rms_norm_ref(x, weight, eps, residual)
+    out = rms_norm_native(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual) if out is None else out

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
-from pdserve.kernels.rms_norm import rms_norm_ref, rms_norm_triton
+from pdserve.kernels.rms_norm import rms_norm, rms_norm_native, rms_norm_ref, rms_norm_triton
 
 pytestmark = pytest.mark.kernels
 
@@ -43,3 +45,26 @@ def test_triton_rms_norm_adds_residual_first(assert_close, dtype, device):
     expected_out, expected_residual = rms_norm_ref(x, weight, 1e-6, residual)
     assert torch.equal(new_residual, expected_residual)
     assert_close(out, expected_out, dtype)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("rows, hidden", [(1, 64), (7, 96), (300, 1000)])
+def test_native_rms_norm_matches_reference_and_is_what_the_cpu_engine_runs(rows, hidden):
+    gen = torch.Generator().manual_seed(rows)
+    wide = torch.randn(rows, hidden + 8, generator=gen)
+    x = wide[:, :hidden]  # rows further apart than their length, as a slice of a wider output
+    residual = torch.randn(rows, hidden, generator=gen)
+    weight = 1 + 0.1 * torch.randn(hidden, generator=gen)
+    out = rms_norm_native(x, weight, 1e-5)
+    torch.testing.assert_close(out, rms_norm_ref(x, weight, 1e-5), atol=1e-5, rtol=1e-5)
+    out, new_residual = rms_norm_native(x, weight, 1e-5, residual)
+    expected_out, expected_residual = rms_norm_ref(x, weight, 1e-5, residual)
+    assert torch.equal(new_residual, expected_residual)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    assert torch.equal(rms_norm(x, weight, 1e-5, residual)[0], out)
+
+
+def test_native_rms_norm_leaves_other_dtypes_to_the_reference():
+    x, residual, weight = _inputs(96, torch.bfloat16)
+    assert rms_norm_native(x, weight, 1e-5, residual) is None
+    assert torch.equal(rms_norm(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5))
