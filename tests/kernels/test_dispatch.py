@@ -73,14 +73,18 @@ def test_op_runs_reference_on_cpu_and_triton_when_forced(monkeypatch, name, forc
     module_name, make_args = OPS[name]
     module = importlib.import_module(f"pdserve.kernels.{module_name}")
     called = []
-    for path in ("ref", "triton"):
+    # A native CPU kernel, where an op has one, is tried first and returns None when it does
+    # not apply; the stand-in records the try and declines.
+    paths = [p for p in ("ref", "triton", "native") if hasattr(module, f"{name}_{p}")]
+    for path in paths:
         monkeypatch.setattr(module, f"{name}_{path}", lambda *a, path=path: called.append(path))
     if forced:
         monkeypatch.setenv("PDSERVE_TRITON", "1")
     else:
         monkeypatch.delenv("PDSERVE_TRITON", raising=False)
     getattr(kernels, name)(*make_args())
-    assert called == ["triton" if forced else "ref"]
+    cpu = ["native", "ref"] if "native" in paths else ["ref"]
+    assert called == (["triton"] if forced else cpu)
 
 
 def test_package_imports_and_runs_references_without_triton():
