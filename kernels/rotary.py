@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 from typing import Any
 
 import torch
 
+from pdserve.kernels import native
 from pdserve.kernels._triton import lazy_jit, next_pow2, tl, use_triton
 
 
@@ -158,10 +161,65 @@ def rotary_embedding_triton(
     return q_out, k_out
 
 
+def rotary_embedding_native(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The one-pass C kernel of `csrc/rotary.c` for float32 on CPU, bit for bit the reference;
+    None where it does not apply (another dtype or layout, or no kernel built here)."""
+    kernel = _native_kernel()
+    tokens, heads, head_dim = q.shape
+    if (
+        kernel is None
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, cos_sin_cache))
+        or q.stride()[1:] != (head_dim, 1)
+        or k.stride()[1:] != (head_dim, 1)
+        or not cos_sin_cache.is_contiguous()
+        or cos_sin_cache.shape[1] != head_dim
+        or positions.dtype != torch.int64
+    ):
+        return None
+    positions = positions.contiguous()
+    if tokens:
+        low, high = torch.aminmax(positions)
+        if low < 0 or high >= cos_sin_cache.shape[0]:
+            raise IndexError(f"positions {int(low)}..{int(high)} outside the rotary cache")
+    q_out = torch.empty(q.shape)
+    k_out = torch.empty(k.shape)
+    kernel(
+        q.data_ptr(),
+        q.stride(0),
+        k.data_ptr(),
+        k.stride(0),
+        positions.data_ptr(),
+        cos_sin_cache.data_ptr(),
+        q_out.data_ptr(),
+        k_out.data_ptr(),
+        tokens,
+        heads,
+        k.shape[1],
+        head_dim,
+        torch.get_num_threads(),
+    )
+    return q_out, k_out
+
+
+@functools.cache
+def _native_kernel() -> ctypes._CFuncPtr | None:
+    lib = native.load("rotary")
+    if lib is None:
+        return None
+    fn = lib.rotary_embedding_f32
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
 def rotary_embedding(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q`` ``[T, H, D]`` and ``k`` ``[T, KVH, D]`` at ``positions``, out of place."""
     if use_triton(q):
         return rotary_embedding_triton(q, k, positions, cos_sin_cache)
-    return rotary_embedding_ref(q, k, positions, cos_sin_cache)
+    out = rotary_embedding_native(q, k, positions, cos_sin_cache)
+    return rotary_embedding_ref(q, k, positions, cos_sin_cache) if out is None else out

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from pdserve.kernels.rotary import (
     rope_cos_sin_cache,
+    rotary_embedding_native,
     rotary_embedding_ref,
     rotary_embedding_triton,
 )
@@ -83,3 +86,32 @@ def test_triton_rotary_matches_reference(assert_close, dtype, device, head_dim, 
     assert out_q.dtype == dtype and out_k.dtype == dtype
     assert_close(out_q, ref_q, dtype)
     assert_close(out_k, ref_k, dtype)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("tokens, heads, kv_heads", [(1, 4, 4), (7, 12, 4), (300, 8, 1)])
+@pytest.mark.parametrize("scaling", ["none", "llama3"])
+def test_native_rotary_equals_reference_bit_for_bit(head_dim, tokens, heads, kv_heads, scaling):
+    gen = torch.Generator().manual_seed(tokens)
+    # q and k as the model has them: column slices of one fused qkv projection
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+    cache = rope_cos_sin_cache(head_dim, 512, 500000.0, SCALINGS[scaling])
+    positions = torch.randint(0, 512, (tokens,), generator=gen)
+    out_q, out_k = rotary_embedding_native(q, k, positions, cache)
+    ref_q, ref_k = rotary_embedding_ref(q, k, positions, cache)
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+
+
+def test_native_rotary_refuses_positions_past_its_table_and_leaves_other_dtypes():
+    cache = rope_cos_sin_cache(64, 16, 10000.0, None)
+    q, k = torch.randn(2, 2, 64), torch.randn(2, 1, 64)
+    if rotary_embedding_native(q, k, torch.tensor([0, 1]), cache) is not None:
+        with pytest.raises(IndexError, match="outside the rotary cache"):
+            rotary_embedding_native(q, k, torch.tensor([3, 16]), cache)
+        with pytest.raises(IndexError, match="outside the rotary cache"):
+            rotary_embedding_native(q, k, torch.tensor([-1, 0]), cache)
+    half = q.half(), k.half(), torch.tensor([0, 1]), cache.half()
+    assert rotary_embedding_native(*half) is None
