@@ -102,8 +102,7 @@ def _dense_decode(
 ) -> torch.Tensor:
     """Writes the decode tokens' K/V into the mirror, then attends over its rows in place."""
     keys, values = view.mirror.layer(k_cache)
-    keys[view.slots, :, view.positions] = k.to(keys.dtype)
-    values[view.slots, :, view.positions] = v.to(values.dtype)
+    write_kv_cache(k, v, keys, values, view.write_slots)
     if view.order is not None:
         q = q.index_select(0, view.order)
     out = dense_decode_attention(q, keys, values, view.lens, scale)

@@ -32,14 +32,15 @@ from pdserve.engine.sequence import Sequence
 class DenseView:
     """Where this step's decode rows live in the mirror.
 
-    `slots[i]` is the mirror row of decode row i; `order` lists decode rows in slot order
-    (None when the two orders agree); `lens[j]` is the number of keys of mirror row j (the new
-    token included).
+    `slots[i]` is the mirror row of decode row i; `write_slots[i]` is where its new token goes,
+    as a cache slot of a layer's mirror seen as blocks of one row each; `order` lists decode
+    rows in slot order (None when the two orders agree); `lens[j]` is the number of keys of
+    mirror row j (the new token included).
     """
 
     mirror: DenseKV
     slots: torch.Tensor
-    positions: torch.Tensor
+    write_slots: torch.Tensor
     order: torch.Tensor | None
     lens: torch.Tensor
 
@@ -87,10 +88,11 @@ class DenseKV:
         slot_t = torch.tensor(slots, dtype=torch.long)
         order = None if identity else torch.argsort(slot_t)
         lens_by_slot = (positions + 1) if order is None else (positions + 1)[order]
+        assert self._buffer is not None
         return DenseView(
             self,
             slot_t.to(dev),
-            positions.to(dev),
+            (slot_t * self._buffer.shape[4] + positions).to(dev),
             None if order is None else order.to(dev),
             lens_by_slot.to(dev),
         )

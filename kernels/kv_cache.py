@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 
+from pdserve.kernels import native
 from pdserve.kernels._triton import lazy_jit, next_pow2, tl, use_triton
 
 
@@ -107,5 +111,65 @@ def write_kv_cache(
     """
     if use_triton(k):
         write_kv_cache_triton(k, v, k_cache, v_cache, slot_mapping)
-    else:
+    elif not write_kv_cache_native(k, v, k_cache, v_cache, slot_mapping):
         write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def write_kv_cache_native(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> bool:
+    """The C kernel of `csrc/write_kv_cache.c` on CPU; False (nothing written) where it does not
+    apply: mixed dtypes or layouts, or no kernel built on this machine."""
+    kernel = _native_kernel()
+    num_tokens, num_kv_heads, head_dim = k.shape
+    tensors = (k, v, k_cache, v_cache)
+    if (
+        kernel is None
+        or any(t.device.type != "cpu" or t.dtype != k.dtype for t in tensors)
+        or k.stride()[1:] != (head_dim, 1)
+        or v.stride()[1:] != (head_dim, 1)
+        or k_cache.stride() != v_cache.stride()
+        or k_cache.stride()[2:] != (head_dim, 1)
+        or k_cache.shape[1] != num_kv_heads
+        or slot_mapping.dtype != torch.int64
+    ):
+        return False
+    slot_mapping = slot_mapping.contiguous()
+    block_size = k_cache.shape[2]
+    if num_tokens and int(slot_mapping.max()) >= k_cache.shape[0] * block_size:
+        raise IndexError(f"slot {int(slot_mapping.max())} is past the cache's last slot")
+    kernel(
+        k.data_ptr(),
+        k.stride(0),
+        v.data_ptr(),
+        v.stride(0),
+        head_dim,
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        slot_mapping.data_ptr(),
+        num_tokens,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        k.element_size(),
+        torch.get_num_threads(),
+    )
+    return True
+
+
+@functools.cache
+def _native_kernel() -> ctypes._CFuncPtr | None:
+    lib = native.load("write_kv_cache")
+    if lib is None:
+        return None
+    fn = lib.write_kv_cache
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr] + [i64] * 5 + [ctypes.c_int]
+    fn.restype = None
+    return fn

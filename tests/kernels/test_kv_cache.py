@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
-from pdserve.kernels.kv_cache import write_kv_cache_ref, write_kv_cache_triton
+from pdserve.kernels.kv_cache import (
+    write_kv_cache_native,
+    write_kv_cache_ref,
+    write_kv_cache_triton,
+)
 
 pytestmark = pytest.mark.kernels
 
@@ -24,7 +30,18 @@ def _new_kv(
     return k, v
 
 
-@pytest.mark.parametrize("write", [write_kv_cache_ref, write_kv_cache_triton])
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+
+
+def _native(k, v, k_cache, v_cache, slots):
+    assert write_kv_cache_native(k, v, k_cache, v_cache, slots), "the native kernel declined"
+
+
+@pytest.mark.parametrize(
+    "write",
+    [write_kv_cache_ref, write_kv_cache_triton, pytest.param(_native, marks=needs_cc)],
+    ids=["ref", "triton", "native"],
+)
 def test_write_stores_each_token_at_its_slot_and_skips_negative_slots(write, device):
     kv = _layers(torch.float32, 64, device)
     k, v = _new_kv(torch.float32, 64, device)
@@ -59,3 +76,32 @@ def test_triton_write_reads_strided_keys_from_fused_qkv(device):
     write_kv_cache_ref(k, v, expected[0, 0], expected[0, 1], slots)
     write_kv_cache_triton(k, v, actual[0, 0], actual[0, 1], slots)
     assert torch.equal(actual, expected)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_write_equals_reference_for_fused_qkv_slices(dtype):
+    qkv = torch.randn(len(SLOTS), (4 + 3 + 3) * 80).to(dtype)
+    k = qkv[:, 4 * 80 : 7 * 80].view(len(SLOTS), 3, 80)
+    v = qkv[:, 7 * 80 :].view(len(SLOTS), 3, 80)
+    expected, actual = _layers(dtype, 80, "cpu"), _layers(dtype, 80, "cpu")
+    slots = torch.tensor(SLOTS)
+    write_kv_cache_ref(k, v, expected[1, 0], expected[1, 1], slots)
+    _native(k, v, actual[1, 0], actual[1, 1], slots)
+    assert torch.equal(actual, expected)
+
+
+@needs_cc
+def test_native_write_refuses_a_slot_past_the_cache_before_writing_anything():
+    kv = _layers(torch.float32, 64, "cpu")
+    k, v = _new_kv(torch.float32, 64, "cpu")
+    with pytest.raises(IndexError, match="past the cache's last slot"):
+        write_kv_cache_native(k, v, kv[0, 0], kv[0, 1], torch.tensor(SLOTS[:-1] + [8 * 16]))
+    assert not kv.any()
+
+
+def test_native_write_declines_mixed_dtypes():
+    kv = _layers(torch.bfloat16, 64, "cpu")
+    k, v = _new_kv(torch.float32, 64, "cpu")
+    assert not write_kv_cache_native(k, v, kv[0, 0], kv[0, 1], torch.tensor(SLOTS))
+    assert not kv.any()
