@@ -39,8 +39,6 @@ def dense_decode_attention(
         or keys.stride()[2:] != (head_dim, 1)
     ):
         return dense_decode_attention_ref(q, keys, values, lens, scale)
-    if batch and not (1 <= int(lens.min()) and int(lens.max()) <= capacity):
-        raise ValueError(f"lens must lie in [1, {capacity}], got {lens.tolist()}")
     q = q.contiguous()
     lens = lens.to(torch.int64).contiguous()
     out = torch.empty_like(q)
@@ -56,9 +54,12 @@ def dense_decode_attention(
         head_dim,
         keys.stride(0),
         keys.stride(1),
+        capacity,
         scale,
         torch.get_num_threads(),
     )
+    if failed == -2:
+        raise ValueError(f"lens must lie in [1, {capacity}], got {lens.tolist()}")
     if failed:
         raise MemoryError("dense decode attention could not allocate its score buffer")
     return out
@@ -97,6 +98,6 @@ def _native_kernel() -> ctypes._CFuncPtr | None:
         return None
     fn = lib.dense_decode_attention_f32
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr] * 5 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
+    fn.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn

@@ -140,9 +140,8 @@ def write_kv_cache_native(
         return False
     slot_mapping = slot_mapping.contiguous()
     block_size = k_cache.shape[2]
-    if num_tokens and int(slot_mapping.max()) >= k_cache.shape[0] * block_size:
-        raise IndexError(f"slot {int(slot_mapping.max())} is past the cache's last slot")
-    kernel(
+    num_slots = k_cache.shape[0] * block_size
+    failed = kernel(
         k.data_ptr(),
         k.stride(0),
         v.data_ptr(),
@@ -157,9 +156,12 @@ def write_kv_cache_native(
         num_kv_heads,
         head_dim,
         block_size,
+        num_slots,
         k.element_size(),
         torch.get_num_threads(),
     )
+    if failed:
+        raise IndexError(f"slot {int(slot_mapping.max())} is past the cache's last slot")
     return True
 
 
@@ -170,6 +172,6 @@ def _native_kernel() -> ctypes._CFuncPtr | None:
         return None
     fn = lib.write_kv_cache
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr] + [i64] * 5 + [ctypes.c_int]
-    fn.restype = None
+    fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr] + [i64] * 6 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
     return fn

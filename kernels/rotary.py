@@ -179,19 +179,16 @@ def rotary_embedding_native(
     ):
         return None
     positions = positions.contiguous()
-    if tokens:
-        low, high = torch.aminmax(positions)
-        if low < 0 or high >= cos_sin_cache.shape[0]:
-            raise IndexError(f"positions {int(low)}..{int(high)} outside the rotary cache")
     q_out = torch.empty(q.shape)
     k_out = torch.empty(k.shape)
-    kernel(
+    failed = kernel(
         q.data_ptr(),
         q.stride(0),
         k.data_ptr(),
         k.stride(0),
         positions.data_ptr(),
         cos_sin_cache.data_ptr(),
+        cos_sin_cache.shape[0],
         q_out.data_ptr(),
         k_out.data_ptr(),
         tokens,
@@ -200,6 +197,9 @@ def rotary_embedding_native(
         head_dim,
         torch.get_num_threads(),
     )
+    if failed:
+        low, high = (int(x) for x in torch.aminmax(positions))
+        raise IndexError(f"positions {low}..{high} outside the rotary cache")
     return q_out, k_out
 
 
@@ -210,8 +210,8 @@ def _native_kernel() -> ctypes._CFuncPtr | None:
         return None
     fn = lib.rotary_embedding_f32
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-    fn.restype = None
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
     return fn
 
 

@@ -17,28 +17,32 @@ extern float expf(float);
 /* out[b, h] = softmax(scale * q[b, h] . K[b, h / group, :lens[b]]) @ V[b, h / group, :lens[b]]
  *
  * q, out: [batch, heads, head_dim] contiguous. keys, values: row b, KV head j, position t at
- * b * row_stride + j * head_stride + t * head_dim. Returns 0, or -1 when out of memory.
+ * b * row_stride + j * head_stride + t * head_dim. Returns 0; -2 without reading anything
+ * when a length is outside [1, capacity]; -1 when out of memory.
  */
 int dense_decode_attention_f32(const float *restrict q, const float *restrict keys,
                                const float *restrict values, const int64_t *restrict lens,
                                float *restrict out, int64_t batch, int64_t heads,
                                int64_t kv_heads, int64_t head_dim, int64_t row_stride,
-                               int64_t head_stride, float scale, int num_threads) {
+                               int64_t head_stride, int64_t capacity, float scale,
+                               int num_threads) {
+    for (int64_t b = 0; b < batch; b++)
+        if (lens[b] < 1 || lens[b] > capacity) return -2;
     const int64_t group = heads / kv_heads;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        int64_t capacity = 0;
+        int64_t allocated = 0;
         float *scores = NULL;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < batch * kv_heads; item++) {
             const int64_t b = item / kv_heads, kh = item % kv_heads, n = lens[b];
-            if (n * group > capacity) {
+            if (n * group > allocated) {
                 free(scores);
-                capacity = 2 * n * group;
-                scores = malloc(capacity * sizeof(float));
+                allocated = 2 * n * group;
+                scores = malloc(allocated * sizeof(float));
                 if (scores == NULL) {
-                    capacity = 0;
+                    allocated = 0;
                     failed = 1;
                     continue;
                 }

@@ -25,15 +25,19 @@ static void rotate(const float *restrict x, int64_t token_stride, float *restric
     }
 }
 
-void rotary_embedding_f32(const float *restrict q, int64_t q_stride, const float *restrict k,
-                          int64_t k_stride, const int64_t *restrict positions,
-                          const float *restrict cos_sin, float *restrict q_out,
-                          float *restrict k_out, int64_t tokens, int64_t heads, int64_t kv_heads,
-                          int64_t head_dim, int num_threads) {
+/* Returns 0, or -1 without writing anything when a position is outside [0, num_positions). */
+int rotary_embedding_f32(const float *restrict q, int64_t q_stride, const float *restrict k,
+                         int64_t k_stride, const int64_t *restrict positions,
+                         const float *restrict cos_sin, int64_t num_positions,
+                         float *restrict q_out, float *restrict k_out, int64_t tokens,
+                         int64_t heads, int64_t kv_heads, int64_t head_dim, int num_threads) {
+    for (int64_t t = 0; t < tokens; t++)
+        if (positions[t] < 0 || positions[t] >= num_positions) return -1;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (tokens > 64)
     for (int64_t t = 0; t < tokens; t++) {
         const float *row = cos_sin + positions[t] * head_dim;
         rotate(q, q_stride, q_out, heads, head_dim, row, t);
         rotate(k, k_stride, k_out, kv_heads, head_dim, row, t);
     }
+    return 0;
 }
