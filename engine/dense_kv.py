@@ -133,9 +133,13 @@ class DenseKV:
         shape = (layers, 2, rows, kv_heads, cap, head_dim)
         if torch.Size(shape).numel() * self.kv_cache.element_size() > self.budget_bytes:
             return False
-        new = torch.zeros(shape, dtype=self.kv_cache.dtype, device=self.kv_cache.device)
+        # NOTE: not zeroed: a row is written whole (its positions and a zero tail) when it is
+        # filled, and rows that held data keep it below the old capacity and zeros above.
+        new = torch.empty(shape, dtype=self.kv_cache.dtype, device=self.kv_cache.device)
         if buf is not None:
-            new[:, :, : buf.shape[2], :, : buf.shape[4]] = buf
+            old_rows, old_cap = buf.shape[2], buf.shape[4]
+            new[:, :, :old_rows, :, :old_cap] = buf
+            new[:, :, :old_rows, :, old_cap:] = 0
         self._buffer = new
         return True
 
@@ -144,12 +148,17 @@ class DenseKV:
         assert self._buffer is not None
         n = seq.num_computed
         block_size = self.kv_cache.shape[4]
-        blocks = torch.tensor(seq.block_ids[: blocks_for(n, block_size)], dtype=torch.long)
-        src = self.kv_cache.index_select(2, blocks.to(self.kv_cache.device))
-        layers, _, nb, kv_heads, _, head_dim = src.shape
-        src = src.permute(0, 1, 3, 2, 4, 5).reshape(layers, 2, kv_heads, nb * block_size, head_dim)
-        dst = self._buffer[:, :, slot]
-        dst[:, :, :, :n] = src[:, :, :, :n]
+        nb = blocks_for(n, block_size)
+        blocks = torch.tensor(seq.block_ids[:nb], dtype=torch.long, device=self.kv_cache.device)
+        src = self.kv_cache.index_select(2, blocks).transpose(2, 3)  # [L, 2, KVH, nb, bs, D]
+        dst = self._buffer[:, :, slot]  # [L, 2, KVH, capacity, D]
+        layers, _, kv_heads, capacity, head_dim = dst.shape
+        if capacity % block_size == 0:  # the row as blocks: one copy, no reshape
+            dst.view(layers, 2, kv_heads, -1, block_size, head_dim)[:, :, :, :nb] = src
+        else:
+            dst[:, :, :, :n] = src.reshape(layers, 2, kv_heads, nb * block_size, head_dim)[
+                ..., :n, :
+            ]
         dst[:, :, :, n:] = 0
 
 

@@ -42,3 +42,28 @@ def test_mirror_rows_equal_the_paged_kv_as_sequences_join_and_leave(tiny_llama_d
         checked += _check_rows_match_the_pool(engine)
     assert checked > 20
     assert not engine.has_unfinished()
+
+
+def test_rows_keep_their_kv_and_zero_tails_when_the_mirror_outgrows_its_capacity(
+    tiny_llama_dir, monkeypatch
+):
+    engine = make_engine(tiny_llama_dir)
+    empty = torch.empty
+
+    def garbage(*args, **kwargs):
+        """Fresh pages from the OS are zero; a reused allocation is not."""
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", garbage)
+    g = torch.Generator().manual_seed(4)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    engine.add_request("short", torch.randint(3, 1000, (8,), generator=g).tolist(), params)
+    engine.add_request("long", torch.randint(3, 1000, (118,), generator=g).tolist(), params)
+    capacities = set()
+    while engine.has_unfinished():
+        engine.step()
+        if engine.runner.dense._buffer is not None:
+            capacities.add(engine.runner.dense._buffer.shape[4])
+        _check_rows_match_the_pool(engine)
+    assert capacities == {128, 256}, "the long sequence should have grown the mirror once"
