@@ -25,18 +25,24 @@ def dense_decode_attention(
     ``[0, lens[i])``; returns ``[batch, heads, head_dim]`` in ``q``'s dtype."""
     batch, heads, head_dim = q.shape
     rows, kv_heads, capacity, _ = keys.shape
-    if lens.shape != (batch,) or batch > rows or heads % kv_heads:
-        raise ValueError(
-            f"q {tuple(q.shape)}, mirror {tuple(keys.shape)} and lens {tuple(lens.shape)} "
-            "do not fit together"
-        )
-    kernel = _native_kernel()
     if (
-        kernel is None
-        or q.device.type != "cpu"
+        lens.shape != (batch,)
+        or batch > rows
+        or heads % kv_heads
+        or values.shape != keys.shape
+        or keys.shape[3] != head_dim
+    ):
+        raise ValueError(
+            f"q {tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)} and "
+            f"lens {tuple(lens.shape)} do not fit together"
+        )
+    tensors = (q, keys, values, lens)
+    if (
+        any(t.device.type != "cpu" for t in tensors)
         or not q.dtype == keys.dtype == values.dtype == torch.float32
         or keys.stride() != values.stride()
         or keys.stride()[2:] != (head_dim, 1)
+        or (kernel := _native_kernel()) is None
     ):
         return dense_decode_attention_ref(q, keys, values, lens, scale)
     q = q.contiguous()
@@ -93,11 +99,8 @@ def _rows(x: torch.Tensor, batch: int, n: int) -> torch.Tensor:
 
 @functools.cache
 def _native_kernel() -> ctypes._CFuncPtr | None:
-    lib = native.load("dense_decode_attention")
-    if lib is None:
-        return None
-    fn = lib.dense_decode_attention_f32
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
+    return native.function(
+        "dense_decode_attention", "dense_decode_attention_f32", argtypes, ctypes.c_int
+    )

@@ -123,24 +123,28 @@ def write_kv_cache_native(
     slot_mapping: torch.Tensor,
 ) -> bool:
     """The C kernel of `csrc/write_kv_cache.c` on CPU; False (nothing written) where it does not
-    apply: mixed dtypes or layouts, or no kernel built on this machine."""
-    kernel = _native_kernel()
+    apply: mixed dtypes, devices, shapes or layouts, or no kernel built on this machine."""
     num_tokens, num_kv_heads, head_dim = k.shape
-    tensors = (k, v, k_cache, v_cache)
+    tensors = (k, v, k_cache, v_cache, slot_mapping)
     if (
-        kernel is None
-        or any(t.device.type != "cpu" or t.dtype != k.dtype for t in tensors)
+        any(t.device.type != "cpu" for t in tensors)
+        or any(t.dtype != k.dtype for t in (v, k_cache, v_cache))
+        or slot_mapping.dtype != torch.int64
+        or v.shape != k.shape
+        or k_cache.shape != v_cache.shape
+        or k_cache.dim() != 4
+        or k_cache.shape[1] != num_kv_heads
+        or k_cache.shape[3] != head_dim
+        or slot_mapping.shape != (num_tokens,)
         or k.stride()[1:] != (head_dim, 1)
         or v.stride()[1:] != (head_dim, 1)
         or k_cache.stride() != v_cache.stride()
         or k_cache.stride()[2:] != (head_dim, 1)
-        or k_cache.shape[1] != num_kv_heads
-        or slot_mapping.dtype != torch.int64
+        or (kernel := _native_kernel()) is None
     ):
         return False
     slot_mapping = slot_mapping.contiguous()
     block_size = k_cache.shape[2]
-    num_slots = k_cache.shape[0] * block_size
     failed = kernel(
         k.data_ptr(),
         k.stride(0),
@@ -156,7 +160,7 @@ def write_kv_cache_native(
         num_kv_heads,
         head_dim,
         block_size,
-        num_slots,
+        k_cache.shape[0] * block_size,
         k.element_size(),
         torch.get_num_threads(),
     )
@@ -167,11 +171,6 @@ def write_kv_cache_native(
 
 @functools.cache
 def _native_kernel() -> ctypes._CFuncPtr | None:
-    lib = native.load("write_kv_cache")
-    if lib is None:
-        return None
-    fn = lib.write_kv_cache
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr] + [i64] * 6 + [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr] + [i64] * 6 + [ctypes.c_int]
+    return native.function("write_kv_cache", "write_kv_cache", argtypes, ctypes.c_int)

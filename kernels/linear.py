@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 _PACKED_ATTR = "_pdserve_onednn_packed"
-# NOTE: the fused SiLU-and-mul GEMMs beat one GEMM plus two passes only once the projection
-# outgrows the caches: 0.87x time at 1,024 rows of a 768 -> 2x2048 MLP, 0.95x on 256 -> 2x688,
-# but 1.03-1.2x at 32-64 rows (the same VM).
+# NOTE: SiLU and the product in the GEMMs' epilogues beat two plain GEMMs and two passes only
+# once the projection outgrows the caches: 0.87x time at 1,024 rows of a 768 -> 2x2048 MLP, 0.95x
+# on 256 -> 2x688, but 1.03-1.1x at 32 rows (the same VM).
 _FUSED_SILU_MIN_ROWS = 512
 
 
@@ -65,13 +65,18 @@ def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``silu(x @ Wg^T) * (x @ Wu^T)`` for ``weight = [Wg; Wu]`` (the gate rows, then as many
     up rows).
 
-    On CPU the SiLU and the product run in the epilogues of two oneDNN GEMMs, so neither the
-    ``[T, 2I]`` projection nor the two elementwise passes over it are made (results equal the
-    unfused form up to oneDNN's SiLU, within 1e-6 relative).
+    On CPU the weight is packed once, as its two halves: from `_FUSED_SILU_MIN_ROWS` rows the
+    SiLU and the product run in the epilogues of the two oneDNN GEMMs, so neither the
+    ``[T, 2I]`` projection nor the passes over it are made (results equal the unfused form up
+    to oneDNN's SiLU, within 1e-6 relative); below, the two GEMMs are plain.
     """
-    if not _onednn(x, weight) or x.shape[0] < _FUSED_SILU_MIN_ROWS:
-        gate, up = linear(x, weight).chunk(2, dim=-1)
+    if not _onednn(x, weight):
+        gate, up = F.linear(x, weight).chunk(2, dim=-1)
         return F.silu(gate) * up
     gate_w, up_w = _packed(weight, chunks=2)
-    gate = torch.ops.mkldnn._linear_pointwise(x, gate_w, None, "swish", [], "")
-    return torch.ops.mkldnn._linear_pointwise(x, gate, up_w, None, "mul")
+    project = torch.ops.mkldnn._linear_pointwise
+    if x.shape[0] < _FUSED_SILU_MIN_ROWS:
+        gate = project(x, gate_w, None, "none", [], "")
+        return F.silu(gate, inplace=True).mul_(project(x, up_w, None, "none", [], ""))
+    gate = project(x, gate_w, None, "swish", [], "")
+    return project(x, gate, up_w, None, "mul")

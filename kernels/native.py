@@ -4,13 +4,14 @@ pdserve ships as pure Python; the few CPU kernels that plain torch runs far from
 limit are C sources in `csrc/`, built here for this CPU (`-march=native`) into a cache keyed
 by the source, the compiler and the CPU, and loaded with ctypes. Builds are atomic (a temporary
 file renamed into place), so workers starting together share one result. Without a compiler,
-or with ``PDSERVE_NATIVE_KERNELS=0``, `load` returns None and callers use their torch path.
+or with ``PDSERVE_NATIVE_KERNELS=0``, `function` returns None and callers use their torch path.
 
-NOTE: OpenMP comes from the libgomp torch has already loaded (same soname), so a kernel's
-threads are torch's own pool; callers pass ``torch.get_num_threads()`` because OpenMP's thread
-count is per calling thread. No ``-ffast-math``: with ``-shared`` GCC < 13 links crtfastmath,
-which flushes denormals for the whole process; the reassociation flags below are enough to
-vectorize the reductions.
+NOTE: OpenMP is assumed to come from the ``libgomp.so.1`` torch has already loaded (the PyPI
+wheels bundle it under that soname), so a kernel's threads are torch's own pool; a torch built
+against another OpenMP runtime would give the kernels a second pool. Callers pass
+``torch.get_num_threads()`` because OpenMP's thread count is per calling thread. No
+``-ffast-math``: with ``-shared``, GCC < 13 links crtfastmath, which flushes denormals for the
+whole process; the reassociation flags below are enough to vectorize the reductions.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -49,42 +51,61 @@ def cache_dir() -> Path:
     return Path(base) / "pdserve"
 
 
+def compiler() -> list[str] | None:
+    """``$CC`` (which may carry arguments, as ``ccache gcc``), else ``cc`` or ``gcc``."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
+
+
+def function(
+    source: str, symbol: str, argtypes: list, restype: type | None
+) -> ctypes._CFuncPtr | None:
+    """``symbol`` of the library built from ``csrc/<source>.c``, typed, or None where that
+    library cannot be built here."""
+    lib = load(source)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
 @functools.cache
-def load(name: str) -> ctypes.CDLL | None:
-    """The library built from ``csrc/<name>.c``, or None where it cannot be built here."""
+def load(source: str) -> ctypes.CDLL | None:
+    """The library built from ``csrc/<source>.c``, or None where it cannot be built here."""
     if os.environ.get("PDSERVE_NATIVE_KERNELS") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler found: the CPU engine runs %s in plain torch", name)
+    cc = compiler()
+    if cc is None:
+        logger.warning("no C compiler found: the CPU engine runs %s in plain torch", source)
         return None
     try:
-        return ctypes.CDLL(str(_build(name, compiler)))
-    except (OSError, subprocess.SubprocessError) as e:
-        logger.warning("could not build the native %s kernel (%s): using plain torch", name, e)
+        return ctypes.CDLL(str(_build(source, cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        logger.warning("could not build the native %s kernel (%s): using plain torch", source, e)
         return None
 
 
-def _build(name: str, compiler: str) -> Path:
-    source = (_CSRC / f"{name}.c").read_bytes()
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, check=True, timeout=30
-    ).stdout
+def _build(source: str, cc: list[str]) -> Path:
+    text = (_CSRC / f"{source}.c").read_bytes()
+    version = subprocess.run([*cc, "--version"], capture_output=True, check=True, timeout=30)
     key = hashlib.sha256(
-        b"\0".join([source, version, " ".join(_FLAGS).encode(), _cpu_id().encode()])
+        b"\0".join([text, version.stdout, " ".join(_FLAGS).encode(), _cpu_id().encode()])
     ).hexdigest()[:16]
-    out = cache_dir() / "native" / f"{name}-{key}.so"
+    out = cache_dir() / "native" / f"{source}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *_FLAGS, str(_CSRC / f"{name}.c"), "-o", tmp, "-lm"]
+        cmd = [*cc, *_FLAGS, str(_CSRC / f"{source}.c"), "-o", tmp, "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if "error" in line]
-            raise OSError((errors or [f"{compiler} exited with {done.returncode}"])[0])
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            raise OSError(f"{shlex.join(cmd)} exited with {done.returncode}: {tail}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -87,21 +87,20 @@ def rms_norm_native(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> NormOutput | None:
     """The one-pass C kernel of `csrc/rms_norm.c` for float32 on CPU; None where it does not
-    apply (another dtype or layout, or no kernel built on this machine)."""
-    kernel = _native_kernel()
+    apply (another dtype, device or layout, or no kernel built on this machine)."""
     tensors = (x, weight) if residual is None else (x, weight, residual)
     if (
-        kernel is None
-        or x.dim() != 2
+        x.dim() != 2
         or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
         or any(t.stride(-1) != 1 for t in tensors)
         or weight.shape != (x.shape[1],)
         or (residual is not None and residual.shape != x.shape)
+        or (kernel := _native_kernel()) is None
     ):
         return None
     rows, hidden = x.shape
-    out = torch.empty(rows, hidden)
-    new_residual = None if residual is None else torch.empty(rows, hidden)
+    out = torch.empty(rows, hidden, dtype=torch.float32, device="cpu")
+    new_residual = None if residual is None else torch.empty_like(out)
     kernel(
         x.data_ptr(),
         x.stride(0),
@@ -120,14 +119,9 @@ def rms_norm_native(
 
 @functools.cache
 def _native_kernel() -> ctypes._CFuncPtr | None:
-    lib = native.load("rms_norm")
-    if lib is None:
-        return None
-    fn = lib.rms_norm_f32
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
-    fn.restype = None
-    return fn
+    argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
+    return native.function("rms_norm", "rms_norm_f32", argtypes, None)
 
 
 def rms_norm(

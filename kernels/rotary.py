@@ -165,22 +165,27 @@ def rotary_embedding_native(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The one-pass C kernel of `csrc/rotary.c` for float32 on CPU, bit for bit the reference;
-    None where it does not apply (another dtype or layout, or no kernel built here)."""
-    kernel = _native_kernel()
+    None where it does not apply (another dtype, device, shape or layout, or no kernel built)."""
     tokens, heads, head_dim = q.shape
     if (
-        kernel is None
-        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, cos_sin_cache))
+        any(t.device.type != "cpu" for t in (q, k, positions, cos_sin_cache))
+        or any(t.dtype != torch.float32 for t in (q, k, cos_sin_cache))
+        or positions.dtype != torch.int64
+        or k.dim() != 3
+        or k.shape[0] != tokens
+        or k.shape[2] != head_dim
+        or positions.shape != (tokens,)
+        or head_dim % 2
         or q.stride()[1:] != (head_dim, 1)
         or k.stride()[1:] != (head_dim, 1)
         or not cos_sin_cache.is_contiguous()
         or cos_sin_cache.shape[1] != head_dim
-        or positions.dtype != torch.int64
+        or (kernel := _native_kernel()) is None
     ):
         return None
     positions = positions.contiguous()
-    q_out = torch.empty(q.shape)
-    k_out = torch.empty(k.shape)
+    q_out = torch.empty(q.shape, dtype=torch.float32, device="cpu")
+    k_out = torch.empty(k.shape, dtype=torch.float32, device="cpu")
     failed = kernel(
         q.data_ptr(),
         q.stride(0),
@@ -205,14 +210,9 @@ def rotary_embedding_native(
 
 @functools.cache
 def _native_kernel() -> ctypes._CFuncPtr | None:
-    lib = native.load("rotary")
-    if lib is None:
-        return None
-    fn = lib.rotary_embedding_f32
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    return native.function("rotary", "rotary_embedding_f32", argtypes, ctypes.c_int)
 
 
 def rotary_embedding(

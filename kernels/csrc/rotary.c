@@ -5,7 +5,8 @@
  * Bit for bit the reference (and Hugging Face's apply_rotary_pos_emb): products rounded
  * before the sum, never fused into one multiply-add.
  */
-#pragma GCC optimize("fp-contract=off")
+#pragma GCC optimize("fp-contract=off") /* GCC */
+#pragma STDC FP_CONTRACT OFF /* clang */
 #include <stdint.h>
 
 /* x: [tokens, heads, head_dim] at (token_stride, head_dim) floats; out: contiguous.

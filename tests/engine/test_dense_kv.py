@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from engine_helpers import make_engine
 
@@ -44,10 +45,11 @@ def test_mirror_rows_equal_the_paged_kv_as_sequences_join_and_leave(tiny_llama_d
     assert not engine.has_unfinished()
 
 
+@pytest.mark.parametrize("block_size", [16, 48], ids=["rows-of-whole-blocks", "rows-cut-blocks"])
 def test_rows_keep_their_kv_and_zero_tails_when_the_mirror_outgrows_its_capacity(
-    tiny_llama_dir, monkeypatch
+    tiny_llama_dir, monkeypatch, block_size
 ):
-    engine = make_engine(tiny_llama_dir)
+    engine = make_engine(tiny_llama_dir, block_size=block_size)
     empty = torch.empty
 
     def garbage(*args, **kwargs):

@@ -3,10 +3,9 @@ against float64 attention, reading only each row's own positions."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from native_helpers import needs_cc
 
 from pdserve.kernels.dense_decode_attention import (
     _native_kernel,
@@ -62,7 +61,7 @@ def test_attention_matches_float64_and_reads_only_each_rows_positions(path, case
     torch.testing.assert_close(out, _expected(q, keys, values, lens, scale), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+@needs_cc
 def test_native_kernel_is_built_where_a_compiler_exists_and_never_reads_past_a_row():
     assert _native_kernel() is not None
     batch, rows, heads, kv_heads, head_dim, capacity, lens = CASES[1]
@@ -84,6 +83,7 @@ def test_a_bfloat16_mirror_takes_the_torch_path_and_keeps_the_dtype():
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
 
 
+@needs_cc
 @pytest.mark.parametrize(
     "lens, match",
     [([0, 4], "lens must lie in"), ([4, 17], "lens must lie in"), ([4], "do not fit")],
@@ -92,3 +92,9 @@ def test_lengths_outside_the_mirror_are_refused_before_any_read(lens, match):
     keys, values = _mirror(2, 2, 16, 64, [16, 16])
     with pytest.raises(ValueError, match=match):
         dense_decode_attention(torch.randn(2, 4, 64), keys, values, torch.tensor(lens), 0.125)
+
+
+def test_values_that_do_not_match_the_keys_are_refused():
+    keys, values = _mirror(2, 2, 16, 64, [16, 16])
+    with pytest.raises(ValueError, match="do not fit"):
+        dense_decode_attention(torch.randn(2, 4, 64), keys, values[:1], torch.tensor([3, 4]), 0.1)

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from native_helpers import needs_cc
 
 from pdserve.kernels.kv_cache import (
     write_kv_cache_native,
@@ -28,9 +27,6 @@ def _new_kv(
     k = torch.randn(len(SLOTS), 3, head_dim, generator=gen).to(device, dtype)
     v = torch.randn(len(SLOTS), 3, head_dim, generator=gen).to(device, dtype)
     return k, v
-
-
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
 
 def _native(k, v, k_cache, v_cache, slots):
@@ -104,4 +100,14 @@ def test_native_write_declines_mixed_dtypes():
     kv = _layers(torch.bfloat16, 64, "cpu")
     k, v = _new_kv(torch.float32, 64, "cpu")
     assert not write_kv_cache_native(k, v, kv[0, 0], kv[0, 1], torch.tensor(SLOTS))
+    assert not kv.any()
+
+
+@needs_cc
+def test_native_write_declines_caches_of_different_shapes_and_writes_nothing():
+    kv = _layers(torch.float32, 64, "cpu")
+    k, v = _new_kv(torch.float32, 64, "cpu")
+    short_v_cache = kv[0, 1, :4]  # fewer blocks than the key cache: slots past it would overflow
+    assert not write_kv_cache_native(k, v, kv[0, 0], short_v_cache, torch.tensor(SLOTS))
+    assert not write_kv_cache_native(k, v[:-1], kv[0, 0], kv[0, 1], torch.tensor(SLOTS))
     assert not kv.any()

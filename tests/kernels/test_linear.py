@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdserve.kernels.linear import _FUSED_SILU_MIN_ROWS, linear, silu_and_mul_linear
+from pdserve.kernels.linear import (
+    _FUSED_SILU_MIN_ROWS,
+    _ONEDNN,
+    _PACKED_ATTR,
+    linear,
+    silu_and_mul_linear,
+)
 
 TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-4}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 
@@ -32,3 +38,12 @@ def test_a_weight_changed_in_place_is_packed_again():
     torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
     gate, up = F.linear(doubled, weight).chunk(2, dim=-1)
     torch.testing.assert_close(silu_and_mul_linear(doubled, weight), F.silu(gate) * up)
+
+
+@pytest.mark.skipif(not _ONEDNN, reason="oneDNN packing")
+def test_a_gate_up_weight_is_packed_once_for_decode_and_prefill_rows():
+    weight = torch.randn(2 * 160, 96) * 0.1
+    silu_and_mul_linear(torch.randn(4, 96), weight)
+    silu_and_mul_linear(torch.randn(2 * _FUSED_SILU_MIN_ROWS, 96), weight)
+    packs = [name for name in vars(weight) if name.startswith(_PACKED_ATTR)]
+    assert packs == [f"{_PACKED_ATTR}_2"], "one packed copy (as two halves), not two copies"

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
+from native_helpers import needs_cc
 
 from pdserve.kernels import native
-
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
 
 @pytest.fixture
@@ -25,7 +22,7 @@ def test_a_kernel_is_built_once_into_the_cache_and_then_reused(fresh_load, tmp_p
     assert fresh_load("dense_decode_attention") is not None
     (built,) = (tmp_path / "native").glob("dense_decode_attention-*.so")
     mtime = built.stat().st_mtime_ns
-    assert native._build("dense_decode_attention", shutil.which("cc")) == built
+    assert native._build("dense_decode_attention", native.compiler()) == built
     assert built.stat().st_mtime_ns == mtime
     assert list((tmp_path / "native").iterdir()) == [built]  # no temporary files left
 
@@ -35,8 +32,23 @@ def test_native_kernels_can_be_turned_off(fresh_load, monkeypatch):
     assert fresh_load("dense_decode_attention") is None
 
 
-def test_a_compiler_that_fails_leaves_the_torch_path(fresh_load, monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
+def test_a_compiler_that_fails_leaves_the_torch_path_and_no_files(
+    fresh_load, monkeypatch, tmp_path, caplog
+):
+    # A compiler that answers --version and then fails to compile, as a broken toolchain does.
+    fake = tmp_path / "fake-cc"
+    fake.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && { echo fake-cc 1.0; exit 0; }\n'
+        'echo "fatal error: no such header" >&2\nexit 1\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
     assert fresh_load("dense_decode_attention") is None
     assert "could not build the native dense_decode_attention kernel" in caplog.text
-    assert not list((tmp_path / "native").glob("*.so"))
+    assert "no such header" in caplog.text
+    assert list((tmp_path / "native").iterdir()) == []  # the temporary output is gone
+
+
+def test_cc_may_carry_arguments(monkeypatch):
+    monkeypatch.setenv("CC", "ccache gcc -m64")
+    assert native.compiler() == ["ccache", "gcc", "-m64"]

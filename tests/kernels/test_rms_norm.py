@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from native_helpers import needs_cc
 
 from pdserve.kernels.rms_norm import rms_norm, rms_norm_native, rms_norm_ref, rms_norm_triton
 
@@ -47,7 +46,7 @@ def test_triton_rms_norm_adds_residual_first(assert_close, dtype, device):
     assert_close(out, expected_out, dtype)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@needs_cc
 @pytest.mark.parametrize("rows, hidden", [(1, 64), (7, 96), (300, 1000)])
 def test_native_rms_norm_matches_reference_and_is_what_the_cpu_engine_runs(rows, hidden):
     gen = torch.Generator().manual_seed(rows)

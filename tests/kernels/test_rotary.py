@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from native_helpers import needs_cc
 
 from pdserve.kernels.rotary import (
     rope_cos_sin_cache,
@@ -88,7 +87,7 @@ def test_triton_rotary_matches_reference(assert_close, dtype, device, head_dim, 
     assert_close(out_k, ref_k, dtype)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@needs_cc
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("tokens, heads, kv_heads", [(1, 4, 4), (7, 12, 4), (300, 8, 1)])
 @pytest.mark.parametrize("scaling", ["none", "llama3"])
@@ -105,13 +104,16 @@ def test_native_rotary_equals_reference_bit_for_bit(head_dim, tokens, heads, kv_
     assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
 
 
-def test_native_rotary_refuses_positions_past_its_table_and_leaves_other_dtypes():
+@needs_cc
+def test_native_rotary_refuses_positions_past_its_table_and_leaves_what_it_does_not_cover():
     cache = rope_cos_sin_cache(64, 16, 10000.0, None)
     q, k = torch.randn(2, 2, 64), torch.randn(2, 1, 64)
-    if rotary_embedding_native(q, k, torch.tensor([0, 1]), cache) is not None:
-        with pytest.raises(IndexError, match="outside the rotary cache"):
-            rotary_embedding_native(q, k, torch.tensor([3, 16]), cache)
-        with pytest.raises(IndexError, match="outside the rotary cache"):
-            rotary_embedding_native(q, k, torch.tensor([-1, 0]), cache)
-    half = q.half(), k.half(), torch.tensor([0, 1]), cache.half()
-    assert rotary_embedding_native(*half) is None
+    with pytest.raises(IndexError, match="outside the rotary cache"):
+        rotary_embedding_native(q, k, torch.tensor([3, 16]), cache)
+    with pytest.raises(IndexError, match="outside the rotary cache"):
+        rotary_embedding_native(q, k, torch.tensor([-1, 0]), cache)
+    positions = torch.tensor([0, 1])
+    assert rotary_embedding_native(q.half(), k.half(), positions, cache.half()) is None
+    assert rotary_embedding_native(q, k[:1], positions, cache) is None  # fewer key tokens
+    assert rotary_embedding_native(q, k[..., :32], positions, cache) is None
+    assert rotary_embedding_native(q, k, torch.tensor([0, 1, 2]), cache) is None
