@@ -24,7 +24,7 @@ from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.scheduler import ScheduledSeq
 from pdserve.engine.step_broadcast import StepInputs, recv, send_step
-from pdserve.kernels import use_triton
+from pdserve.kernels import native, use_triton
 
 
 class ModelRunner:
@@ -53,6 +53,8 @@ class ModelRunner:
             if self._torch_path
             else None
         )
+        if self.device.type == "cpu":
+            native.load_all()
         self._staging = _PinnedStaging(self.device) if self.device.type == "cuda" else None
         self.graphs = (
             DecodeGraphs(model, kv_cache, block_size, max_num_seqs, max_model_len)

@@ -72,6 +72,13 @@ def function(
     return fn
 
 
+def load_all() -> None:
+    """Builds (or finds in the cache) every kernel in `csrc/` now, so a CPU engine pays for
+    compiling when it starts, not in its first request's step."""
+    for path in sorted(_CSRC.glob("*.c")):
+        load(path.stem)
+
+
 @functools.cache
 def load(source: str) -> ctypes.CDLL | None:
     """The library built from ``csrc/<source>.c``, or None where it cannot be built here."""

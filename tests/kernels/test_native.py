@@ -52,3 +52,11 @@ def test_a_compiler_that_fails_leaves_the_torch_path_and_no_files(
 def test_cc_may_carry_arguments(monkeypatch):
     monkeypatch.setenv("CC", "ccache gcc -m64")
     assert native.compiler() == ["ccache", "gcc", "-m64"]
+
+
+@needs_cc
+def test_every_kernel_source_builds_at_once(fresh_load, tmp_path):
+    native.load_all()
+    built = sorted(p.name.split("-")[0] for p in (tmp_path / "native").glob("*.so"))
+    sources = sorted(p.stem for p in (native._CSRC).glob("*.c"))
+    assert built == sources and len(sources) == 4
