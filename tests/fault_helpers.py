@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 from cluster_helpers import wait_until_idle
+from engine_helpers import hf_greedy
 from fault_table import ROWS, Row
 from grpc_health.v1 import health_pb2
 from grpc_helpers import health_status
@@ -212,6 +215,26 @@ def record(fault: str, outcomes: list[Outcome], leaked: int) -> int:
     completed = sum(o.code is None and bool(o.finish_reason) for o in outcomes)
     ROWS.append(Row(fault, len(outcomes), completed, clean, hung, leaked))
     return leaked
+
+
+def assert_transformers_tokens(hf_model, specs: list[Spec], outcomes: list[Outcome]) -> None:
+    """Every request completed, with the tokens transformers' greedy decoding gives."""
+    for i, (spec, got) in enumerate(zip(specs, outcomes, strict=True)):
+        assert got.code is None, f"request {i}: {got.code}: {got.details}"
+        assert got.tokens == hf_greedy(hf_model, spec.prompt, spec.max_tokens), f"request {i}"
+
+
+def status_table(target: str) -> tuple[dict[str, list[str]], str]:
+    """`pdserve status` against the router: its worker lines by worker id, and the text of
+    those lines (it must exit 0)."""
+    cli = subprocess.run(
+        [sys.executable, "-m", "pdserve.cluster.cli", "status", "--server", target],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    rows = cli.stdout.splitlines()[2:]
+    return {line.split()[0]: line.split() for line in rows}, "\n".join(rows)
 
 
 def assert_same_tokens(outcomes: list[Outcome], reference: list[Outcome]) -> None:

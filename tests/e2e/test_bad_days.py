@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -21,7 +20,6 @@ import grpc
 import pytest
 import torch
 from cluster_helpers import worker_status
-from engine_helpers import hf_greedy
 from fault_helpers import (
     BACK_WITHIN_S,
     RAY_INTERNALS,
@@ -31,11 +29,13 @@ from fault_helpers import (
     Outcome,
     Spec,
     assert_same_tokens,
+    assert_transformers_tokens,
     kill_worker,
     leaked_blocks,
     make_specs,
     record,
     run_all,
+    status_table,
     wait_state,
     wait_until,
     worker_pid,
@@ -198,9 +198,7 @@ def test_a_killed_prefill_worker_loses_no_request(chaos, client, hf_model):
     samples = monitor.stop()
     leaked = record("kill the prefill worker mid-prefill", outcomes, leaked_blocks(chaos))
 
-    for spec, got in zip(specs, outcomes):
-        assert got.code is None, got.details
-        assert got.tokens == hf_greedy(hf_model, spec.prompt, spec.max_tokens)
+    assert_transformers_tokens(hf_model, specs, outcomes)
     assert leaked == 0
     assert back_s < BACK_WITHIN_S
     # the decode workers prefill meanwhile: the cluster serves, and says so
@@ -225,9 +223,7 @@ def test_a_stuck_prefill_worker_is_restarted_and_loses_no_request(chaos, client,
     samples = monitor.stop()
     leaked = record("the prefill worker stuck mid-prefill", outcomes, leaked_blocks(chaos))
 
-    for spec, got in zip(specs, outcomes):
-        assert got.code is None, got.details
-        assert got.tokens == hf_greedy(hf_model, spec.prompt, spec.max_tokens)
+    assert_transformers_tokens(hf_model, specs, outcomes)
     assert leaked == 0
     assert worker_pid(chaos, "prefill-0") != pid  # a new process
     assert monitor.states_of("prefill-0") == ["up", "restarting", "up"]
@@ -305,9 +301,7 @@ def test_a_kv_channel_dropped_or_stalled_costs_no_request(
     fault = f"{'stall' if stall else 'drop'} a KV channel at {where}"
     leaked = record(fault, outcomes, leaked_blocks(chaos))
 
-    for spec, got in zip(specs, outcomes):
-        assert got.code is None, got.details
-        assert got.tokens == hf_greedy(hf_model, spec.prompt, spec.max_tokens)
+    assert_transformers_tokens(hf_model, specs, outcomes)
     assert leaked == 0
     # the fault cost at least one transfer (later ones may cross a rebuilt channel): the decode
     # worker computed that prompt itself
@@ -373,12 +367,6 @@ def test_a_worker_whose_restarts_are_spent_is_dead_and_the_rest_serve(chaos, cli
         client.complete([5, 6, 7], max_tokens=2).decode_worker == "decode-0" for _ in range(4)
     )
     assert health_status(chaos.target, "") == SERVING
-    cli = subprocess.run(
-        [sys.executable, "-m", "pdserve.cluster.cli", "status", "--server", chaos.target],
-        capture_output=True,
-        text=True,
-    )
-    assert cli.returncode == 0, cli.stderr
-    lines = {line.split()[0]: line.split() for line in cli.stdout.splitlines()[2:]}
+    lines, text = status_table(chaos.target)
     assert lines["decode-1"][2] == "dead" and lines["decode-0"][2] == "up"
-    assert not RAY_INTERNALS.search(cli.stdout.split("\n", 1)[1])  # the workers' lines
+    assert not RAY_INTERNALS.search(text)  # the workers' lines
