@@ -97,9 +97,8 @@ def load(source: str) -> ctypes.CDLL | None:
 
 def _build(source: str, cc: list[str]) -> Path:
     text = (_CSRC / f"{source}.c").read_bytes()
-    version = subprocess.run([*cc, "--version"], capture_output=True, check=True, timeout=30)
     key = hashlib.sha256(
-        b"\0".join([text, version.stdout, " ".join(_FLAGS).encode(), _cpu_id().encode()])
+        b"\0".join([text, _version(tuple(cc)), " ".join(_FLAGS).encode(), _cpu_id().encode()])
     ).hexdigest()[:16]
     out = cache_dir() / "native" / f"{source}-{key}.so"
     if out.exists():
@@ -120,6 +119,13 @@ def _build(source: str, cc: list[str]) -> Path:
     return out
 
 
+@functools.cache
+def _version(cc: tuple[str, ...]) -> bytes:
+    """The compiler's own description of itself, once per process."""
+    return subprocess.run([*cc, "--version"], capture_output=True, check=True, timeout=30).stdout
+
+
+@functools.cache
 def _cpu_id() -> str:
     """What `-march=native` depends on: the CPU's model and feature flags."""
     try:
