@@ -93,7 +93,10 @@ class DecoderLayer(nn.Module):
         batch: AttentionBatch,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Writes every token's K/V to the cache; returns the attention block's output for the
+        tokens at `rows` (all when None)."""
         t = x.shape[0]
         qkv = self.qkv(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -104,8 +107,8 @@ class DecoderLayer(nn.Module):
             cos_sin,
         )
         v = v.view(t, self.kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
-        return self.o(out.reshape(t, self.q_size))
+        out = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale).reshape(t, self.q_size)
+        return self.o(out if rows is None else out.index_select(0, rows))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.gate_up.silu_and_mul(x))
@@ -158,12 +161,20 @@ class CausalLM(nn.Module):
         batch: AttentionBatch,
         kv_cache: torch.Tensor,
         on_layer_kv: Callable[[int], None] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Returns the final hidden states `[T, hidden]` (after the last norm).
+        """Returns the final hidden states (after the last norm) of the tokens at rows `keep`
+        of the batch, `[len(keep), hidden]` (of all `T` tokens when None).
 
         `kv_cache` is `[num_layers, 2, num_blocks, kv_heads, block_size, head_dim]`.
         `on_layer_kv(i)` runs as soon as layer i's KV is in the cache, so a prefill worker
         can ship it while the next layers compute.
+
+        NOTE: a token's hidden state depends on the other tokens only through attention, which
+        reads their K/V from the cache; so the last layer writes every token's K/V but runs its
+        attention output projection, MLP and norm for the `keep` rows alone (a prefill chunk
+        samples from its last token, or from none). That saves most of one layer's GEMMs of
+        every prompt token, and gives the kept rows the same result.
         """
         h = self.embed(input_ids)
         residual = None
@@ -172,9 +183,14 @@ class CausalLM(nn.Module):
                 residual, x = h, rms_norm(h, layer.input_norm.weight, layer.eps)
             else:
                 x, residual = rms_norm(h, layer.input_norm.weight, layer.eps, residual)
-            h = layer.attention(x, positions, self.cos_sin, batch, kv_cache[i, 0], kv_cache[i, 1])
+            rows = keep if i == len(self.layers) - 1 else None
+            h = layer.attention(
+                x, positions, self.cos_sin, batch, kv_cache[i, 0], kv_cache[i, 1], rows
+            )
             if on_layer_kv is not None:
                 on_layer_kv(i)
+            if rows is not None:
+                residual = residual.index_select(0, rows)
             x, residual = rms_norm(h, layer.post_attention_norm.weight, layer.eps, residual)
             h = layer.mlp(x)
         out, _ = rms_norm(h, self.norm.weight, self.cfg.rms_norm_eps, residual)

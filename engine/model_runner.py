@@ -92,16 +92,20 @@ class ModelRunner:
             if self.graphs is not None and on_layer_kv is None and self.graphs.fits(batch):
                 hidden = self.graphs.run(inputs.input_ids, inputs.positions, batch)
                 return self.model.compute_logits(hidden)
+            every_token_samples = inputs.sample_idx.numel() == inputs.input_ids.numel()
             hidden = self.model(
-                inputs.input_ids, inputs.positions, batch, self.kv_cache, on_layer_kv
+                inputs.input_ids,
+                inputs.positions,
+                batch,
+                self.kv_cache,
+                on_layer_kv,
+                keep=None if every_token_samples else inputs.sample_idx,
             )
         except BaseException:
             if self.dense is not None:
                 self.dense.clear()  # rows may hold this step's half-written tokens
             raise
-        if inputs.sample_idx.numel() == hidden.shape[0]:  # every token samples: no gather
-            return self.model.compute_logits(hidden)
-        return self.model.compute_logits(hidden[inputs.sample_idx])
+        return self.model.compute_logits(hidden)
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
         bs = self.block_size

@@ -39,6 +39,41 @@ def _engine_prompt_logits(engine, prompt: list[int]) -> torch.Tensor:
         return engine.model.compute_logits(hidden)
 
 
+def test_last_layer_runs_only_the_sampled_rows_and_writes_every_tokens_kv(tiny_llama_dir):
+    """A step's kept rows get the hidden states of the full forward; the cache gets every
+    token's K/V either way, and the last layer's MLP sees the kept rows alone."""
+    engine = make_engine(tiny_llama_dir)
+    prompts = _prompts(engine.model_config.vocab_size, [5, 17, 40])
+    scheduled = []
+    for i, prompt in enumerate(prompts):
+        engine.reserve(f"keep-{i}", prompt, SamplingParams())
+        seq = Sequence(f"keep-{i}", list(prompt), len(prompt), SamplingParams(), seed=0)
+        seq.block_ids = engine.block_ids(f"keep-{i}")
+        # the middle prompt is a chunk that stops short of its end: it samples nothing
+        scheduled.append(ScheduledSeq(seq, len(prompt) - (i == 1)))
+    input_ids, positions, batch, sample_idx = engine.runner.prepare(scheduled)
+    assert sample_idx.tolist() == [4, 5 + 16 + 40 - 1]
+    mlp_rows = []
+    engine.model.layers[-1].down.register_forward_hook(
+        lambda _m, args, _out: mlp_rows.append(args[0].shape[0])
+    )
+
+    def forward(keep):
+        engine.kv_cache.zero_()
+        with torch.inference_mode():
+            hidden = engine.model(input_ids, positions, batch, engine.kv_cache, keep=keep)
+        return hidden, engine.kv_cache.clone()
+
+    full, full_kv = forward(None)
+    for keep in (sample_idx, sample_idx[:0]):
+        kept, kept_kv = forward(keep)
+        torch.testing.assert_close(kept, full[keep], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kept_kv, full_kv, atol=0, rtol=0)
+    assert mlp_rows == [input_ids.numel(), 2, 0]
+    logits = engine.runner.run(scheduled)  # the engine's own steps keep the sampled rows
+    assert logits.shape[0] == 2 and mlp_rows[-1] == 2
+
+
 def test_prompt_logits_match_transformers(model_dir):
     engine = make_engine(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
