@@ -100,13 +100,9 @@ def _dense_decode(
     view: DenseView,
     scale: float,
 ) -> torch.Tensor:
-    """Writes the decode tokens' K/V into the mirror, then attends over its rows in place."""
+    """Appends the decode tokens' K/V to their mirror rows and attends over the rows in place."""
     keys, values = view.mirror.layer(k_cache)
-    write_kv_cache(k, v, keys, values, view.write_slots)
-    if view.order is not None:
-        q = q.index_select(0, view.order)
-    out = dense_decode_attention(q, keys, values, view.lens, scale)
-    return out if view.order is None else out.index_select(0, view.slots)
+    return dense_decode_attention(q, k, v, keys, values, view.rows, view.lens, scale)
 
 
 def _fresh_prefill(

@@ -30,18 +30,11 @@ from pdserve.engine.sequence import Sequence
 
 @dataclass(frozen=True)
 class DenseView:
-    """Where this step's decode rows live in the mirror.
-
-    `slots[i]` is the mirror row of decode row i; `write_slots[i]` is where its new token goes,
-    as a cache slot of a layer's mirror seen as blocks of one row each; `order` lists decode
-    rows in slot order (None when the two orders agree); `lens[j]` is the number of keys of
-    mirror row j (the new token included).
-    """
+    """Where this step's decode rows live in the mirror: decode row i is mirror row `rows[i]`,
+    which holds `lens[i]` keys once the row's new token is in (at position `lens[i] - 1`)."""
 
     mirror: DenseKV
-    slots: torch.Tensor
-    write_slots: torch.Tensor
-    order: torch.Tensor | None
+    rows: torch.Tensor
     lens: torch.Tensor
 
 
@@ -83,19 +76,8 @@ class DenseKV:
             row.filled = seq.num_computed + 1
             slots.append(row.slot)
         dev = self.kv_cache.device
-        positions = torch.tensor([s.num_computed for s in decode], dtype=torch.long)
-        identity = slots == list(range(len(slots)))
-        slot_t = torch.tensor(slots, dtype=torch.long)
-        order = None if identity else torch.argsort(slot_t)
-        lens_by_slot = (positions + 1) if order is None else (positions + 1)[order]
-        assert self._buffer is not None
-        return DenseView(
-            self,
-            slot_t.to(dev),
-            (slot_t * self._buffer.shape[4] + positions).to(dev),
-            None if order is None else order.to(dev),
-            lens_by_slot.to(dev),
-        )
+        lens = torch.tensor([s.num_computed + 1 for s in decode], dtype=torch.long, device=dev)
+        return DenseView(self, torch.tensor(slots, dtype=torch.long, device=dev), lens)
 
     def layer(self, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mirror's (keys, values) `[slots, kv_heads, capacity, head_dim]` of the layer whose

@@ -1,33 +1,39 @@
 /* Decode attention over the CPU engine's dense KV mirror (engine/dense_kv.py).
  *
- * One work item per (sequence, KV head): the item reads that head's keys and values once,
- * however many query heads share them, so a step reads the batch's KV once (the DRAM floor at
- * the 77M shape, where torch's batched matmuls read it at about half the bandwidth).
+ * One work item per (sequence, KV head): the item appends the step's new key and value to its
+ * mirror row, then reads that head's keys and values once, however many query heads share
+ * them, so a step reads the batch's KV once (the DRAM floor at the 77M shape, where torch's
+ * batched matmuls read it at about half the bandwidth).
  * Float32 only; built and loaded by kernels/native.py.
  */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* glibc's vector expf (libmvec), so the softmax's exponentials vectorize without -ffast-math. */
 #pragma omp declare simd notinbranch
 extern float expf(float);
 
-/* out[b, h] = softmax(scale * q[b, h] . K[b, h / group, :lens[b]]) @ V[b, h / group, :lens[b]]
+/* For each decode row i: stores its new key and value (k, v: [batch, kv_heads, head_dim], at
+ * k_stride, v_stride floats per row) at position lens[i] - 1 of mirror row rows[i], then
+ * out[i, h] = softmax(scale * q[i, h] . K[rows[i], h / group, :lens[i]]) @ V[...].
  *
- * q, out: [batch, heads, head_dim] contiguous. keys, values: row b, KV head j, position t at
- * b * row_stride + j * head_stride + t * head_dim. Returns 0; -2 without reading anything
- * when a length is outside [1, capacity]; -1 when out of memory.
+ * q, out: [batch, heads, head_dim] contiguous. keys, values: mirror row r, KV head j, position
+ * t at r * row_stride + j * head_stride + t * head_dim. Returns 0; -2 without touching anything
+ * when a row is outside [0, num_rows) or a length outside [1, capacity]; -1 when out of memory.
+ * Rows must be distinct (each work item writes its own row's head).
  */
-int dense_decode_attention_f32(const float *restrict q, const float *restrict keys,
-                               const float *restrict values, const int64_t *restrict lens,
-                               float *restrict out, int64_t batch, int64_t heads,
-                               int64_t kv_heads, int64_t head_dim, int64_t row_stride,
-                               int64_t head_stride, int64_t capacity, float scale,
-                               int num_threads) {
-    for (int64_t b = 0; b < batch; b++)
-        if (lens[b] < 1 || lens[b] > capacity) return -2;
+int dense_decode_attention_f32(const float *restrict q, const float *restrict k, int64_t k_stride,
+                               const float *restrict v, int64_t v_stride, float *restrict keys,
+                               float *restrict values, const int64_t *restrict rows,
+                               const int64_t *restrict lens, float *restrict out, int64_t batch,
+                               int64_t heads, int64_t kv_heads, int64_t head_dim,
+                               int64_t num_rows, int64_t row_stride, int64_t head_stride,
+                               int64_t capacity, float scale, int num_threads) {
+    for (int64_t i = 0; i < batch; i++)
+        if (rows[i] < 0 || rows[i] >= num_rows || lens[i] < 1 || lens[i] > capacity) return -2;
     const int64_t group = heads / kv_heads;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
@@ -36,7 +42,7 @@ int dense_decode_attention_f32(const float *restrict q, const float *restrict ke
         float *scores = NULL;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < batch * kv_heads; item++) {
-            const int64_t b = item / kv_heads, kh = item % kv_heads, n = lens[b];
+            const int64_t i = item / kv_heads, kh = item % kv_heads, n = lens[i];
             if (n * group > allocated) {
                 free(scores);
                 allocated = 2 * n * group;
@@ -47,11 +53,15 @@ int dense_decode_attention_f32(const float *restrict q, const float *restrict ke
                     continue;
                 }
             }
-            const float *k = keys + b * row_stride + kh * head_stride;
-            const float *v = values + b * row_stride + kh * head_stride;
-            const float *qb = q + (b * heads + kh * group) * head_dim;
+            float *kr = keys + rows[i] * row_stride + kh * head_stride;
+            float *vr = values + rows[i] * row_stride + kh * head_stride;
+            memcpy(kr + (n - 1) * head_dim, k + i * k_stride + kh * head_dim,
+                   head_dim * sizeof(float));
+            memcpy(vr + (n - 1) * head_dim, v + i * v_stride + kh * head_dim,
+                   head_dim * sizeof(float));
+            const float *qb = q + (i * heads + kh * group) * head_dim;
             for (int64_t t = 0; t < n; t++) {
-                const float *kt = k + t * head_dim;
+                const float *kt = kr + t * head_dim;
                 for (int64_t g = 0; g < group; g++) {
                     const float *qg = qb + g * head_dim;
                     float dot = 0.f;
@@ -67,10 +77,10 @@ int dense_decode_attention_f32(const float *restrict q, const float *restrict ke
                     sum += s[t];
                 }
                 const float inv = 1.f / sum;
-                float *o = out + (b * heads + kh * group + g) * head_dim;
+                float *o = out + (i * heads + kh * group + g) * head_dim;
                 for (int64_t d = 0; d < head_dim; d++) o[d] = 0.f;
                 for (int64_t t = 0; t < n; t++) {
-                    const float *vt = v + t * head_dim, p = s[t] * inv;
+                    const float *vt = vr + t * head_dim, p = s[t] * inv;
                     for (int64_t d = 0; d < head_dim; d++) o[d] += p * vt[d];
                 }
             }
