@@ -20,6 +20,7 @@ import torch
 from pdserve.engine.attention import AttentionBatch
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.dense_kv import DenseKV
+from pdserve.engine.host_memory import keep_freed_memory
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.scheduler import ScheduledSeq
@@ -55,6 +56,7 @@ class ModelRunner:
         )
         if self.device.type == "cpu":
             native.load_all()
+            keep_freed_memory()  # after the weights and the KV cache: see host_memory.py
         self._staging = _PinnedStaging(self.device) if self.device.type == "cuda" else None
         self.graphs = (
             DecodeGraphs(model, kv_cache, block_size, max_num_seqs, max_model_len)
