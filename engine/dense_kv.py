@@ -22,10 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pdserve.api.block_hash import blocks_for
 from pdserve.engine.sequence import Sequence
+from pdserve.kernels.kv_cache import gather_kv_rows
 
 
 @dataclass(frozen=True)
@@ -66,15 +68,17 @@ class DenseKV:
             self.clear()
             return None
         free = sorted(set(range(len(decode))) - {r.slot for r in self._rows.values()})
-        slots = []
+        slots, stale = [], []
         for seq in decode:
             row = self._rows.get(seq.request_id)
             if row is None:
                 row = self._rows[seq.request_id] = _Row(seq, free.pop(0), -1)
             if row.filled != seq.num_computed:
-                self._fill(row.slot, seq)
+                stale.append(row)
             row.filled = seq.num_computed + 1
             slots.append(row.slot)
+        if stale:
+            self._fill(stale)
         dev = self.kv_cache.device
         lens = torch.tensor([s.num_computed + 1 for s in decode], dtype=torch.long, device=dev)
         return DenseView(self, torch.tensor(slots, dtype=torch.long, device=dev), lens)
@@ -125,23 +129,24 @@ class DenseKV:
         self._buffer = new
         return True
 
-    def _fill(self, slot: int, seq: Sequence) -> None:
-        """Copies the sequence's computed KV, all layers at once, from the paged pool."""
+    def _fill(self, rows: list[_Row]) -> None:
+        """Copies the rows' sequences' computed KV, all layers at once, from the paged pool."""
         assert self._buffer is not None
-        n = seq.num_computed
         block_size = self.kv_cache.shape[4]
-        nb = blocks_for(n, block_size)
-        blocks = torch.tensor(seq.block_ids[:nb], dtype=torch.long, device=self.kv_cache.device)
-        src = self.kv_cache.index_select(2, blocks).transpose(2, 3)  # [L, 2, KVH, nb, bs, D]
-        dst = self._buffer[:, :, slot]  # [L, 2, KVH, capacity, D]
-        layers, _, kv_heads, capacity, head_dim = dst.shape
-        if capacity % block_size == 0:  # the row as blocks: one copy, no reshape
-            dst.view(layers, 2, kv_heads, -1, block_size, head_dim)[:, :, :, :nb] = src
-        else:
-            dst[:, :, :, :n] = src.reshape(layers, 2, kv_heads, nb * block_size, head_dim)[
-                ..., :n, :
-            ]
-        dst[:, :, :, n:] = 0
+        lens = [row.seq.num_computed for row in rows]
+        width = max(blocks_for(n, block_size) for n in lens)
+        tables = np.zeros((len(rows), width), np.int64)
+        for i, (row, n) in enumerate(zip(rows, lens)):
+            nb = blocks_for(n, block_size)
+            tables[i, :nb] = row.seq.block_ids[:nb]
+        dev = self.kv_cache.device
+        gather_kv_rows(
+            self.kv_cache,
+            torch.from_numpy(tables).to(dev),
+            torch.tensor(lens, dtype=torch.int64, device=dev),
+            self._buffer,
+            torch.tensor([row.slot for row in rows], dtype=torch.int64, device=dev),
+        )
 
 
 def _pow2(n: int) -> int:

@@ -174,3 +174,106 @@ def _native_kernel() -> ctypes._CFuncPtr | None:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr] + [i64] * 6 + [ctypes.c_int]
     return native.function("write_kv_cache", "write_kv_cache", argtypes, ctypes.c_int)
+
+
+def gather_kv_rows(
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lens: torch.Tensor,
+    mirror: torch.Tensor,
+    rows: torch.Tensor,
+) -> None:
+    """Copies positions ``[0, lens[i])`` of sequence i's keys and values, every layer, from the
+    paged ``kv_cache`` ``[layers, 2, num_blocks, KVH, block_size, D]`` through its
+    ``block_tables[i]`` into row ``rows[i]`` of ``mirror`` ``[layers, 2, num_rows, KVH,
+    capacity, D]``, and zeroes the row's positions from ``lens[i]`` on."""
+    if not gather_kv_rows_native(kv_cache, block_tables, lens, mirror, rows):
+        gather_kv_rows_ref(kv_cache, block_tables, lens, mirror, rows)
+
+
+def gather_kv_rows_ref(
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lens: torch.Tensor,
+    mirror: torch.Tensor,
+    rows: torch.Tensor,
+) -> None:
+    layers, _, num_blocks, kv_heads, block_size, head_dim = kv_cache.shape
+    fills = []
+    for table, n, row in zip(block_tables, lens.tolist(), rows.tolist()):
+        blocks = table[: -(-n // block_size)].long()
+        if (
+            not 0 <= row < mirror.shape[2]
+            or not 0 <= n <= min(mirror.shape[4], table.numel() * block_size)
+            or (blocks.numel() and not 0 <= int(blocks.min()) <= int(blocks.max()) < num_blocks)
+        ):
+            raise IndexError(
+                f"row {row} of length {n} does not fit the mirror, or its block "
+                f"table {table.tolist()} points outside the cache"
+            )
+        fills.append((blocks, n, row))
+    for blocks, n, row in fills:
+        src = kv_cache.index_select(2, blocks).transpose(2, 3)  # [L, 2, KVH, nb, bs, D]
+        positions = src.reshape(layers, 2, kv_heads, blocks.numel() * block_size, head_dim)
+        mirror[:, :, row, :, :n] = positions[..., :n, :]
+        mirror[:, :, row, :, n:] = 0
+
+
+def gather_kv_rows_native(
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lens: torch.Tensor,
+    mirror: torch.Tensor,
+    rows: torch.Tensor,
+) -> bool:
+    """The C kernel of `csrc/gather_kv_rows.c` on CPU; False (nothing written) where it does not
+    apply: mixed dtypes or devices, shapes or layouts it does not cover, or no kernel built."""
+    n = rows.shape[0]
+    if (
+        any(t.device.type != "cpu" for t in (kv_cache, block_tables, lens, mirror, rows))
+        or mirror.dtype != kv_cache.dtype
+        or any(t.dtype != torch.int64 for t in (block_tables, lens, rows))
+        or kv_cache.dim() != 6
+        or mirror.dim() != 6
+        or mirror.shape[:2] != kv_cache.shape[:2]
+        or mirror.shape[3] != kv_cache.shape[3]
+        or mirror.shape[5] != kv_cache.shape[5]
+        or block_tables.dim() != 2
+        or block_tables.shape[0] != n
+        or lens.shape != (n,)
+        or not all(t.is_contiguous() for t in (kv_cache, block_tables, lens, mirror, rows))
+        or (kernel := _gather_kernel()) is None
+    ):
+        return False
+    layers, _, num_blocks, kv_heads, block_size, head_dim = kv_cache.shape
+    failed = kernel(
+        kv_cache.data_ptr(),
+        mirror.data_ptr(),
+        block_tables.data_ptr(),
+        block_tables.shape[1],
+        lens.data_ptr(),
+        rows.data_ptr(),
+        n,
+        layers,
+        num_blocks,
+        kv_heads,
+        block_size,
+        head_dim,
+        mirror.shape[2],
+        mirror.shape[4],
+        kv_cache.element_size(),
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise IndexError(
+            f"rows {rows.tolist()} of lengths {lens.tolist()} do not fit the mirror, or their "
+            "block tables point outside the cache"
+        )
+    return True
+
+
+@functools.cache
+def _gather_kernel() -> ctypes._CFuncPtr | None:
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    argtypes = [ptr, ptr, ptr, i64, ptr, ptr] + [i64] * 9 + [ctypes.c_int]
+    return native.function("gather_kv_rows", "gather_kv_rows", argtypes, ctypes.c_int)

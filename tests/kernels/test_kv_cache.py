@@ -5,6 +5,9 @@ import torch
 from native_helpers import needs_cc
 
 from pdserve.kernels.kv_cache import (
+    gather_kv_rows,
+    gather_kv_rows_native,
+    gather_kv_rows_ref,
     write_kv_cache_native,
     write_kv_cache_ref,
     write_kv_cache_triton,
@@ -111,3 +114,63 @@ def test_native_write_declines_caches_of_different_shapes_and_writes_nothing():
     assert not write_kv_cache_native(k, v, kv[0, 0], short_v_cache, torch.tensor(SLOTS))
     assert not write_kv_cache_native(k, v[:-1], kv[0, 0], kv[0, 1], torch.tensor(SLOTS))
     assert not kv.any()
+
+
+def _gather_case(dtype=torch.float32):
+    """A paged cache of distinct values, three sequences' block tables (out of order, one
+    sequence cut mid-block, one empty) and a NaN mirror whose rows they fill out of order."""
+    cache = torch.randn(2, 2, 12, 3, 4, 8).to(dtype)  # 2 layers, 12 blocks of 4 tokens
+    tables = torch.tensor([[7, 2, 9], [0, 11, 0], [5, 0, 0]], dtype=torch.int64)
+    lens = torch.tensor([11, 8, 0])
+    rows = torch.tensor([2, 0, 3])
+    mirror = torch.full((2, 2, 4, 3, 16, 8), float("nan"), dtype=dtype)
+    return cache, tables, lens, mirror, rows
+
+
+def _expected_rows(cache, tables, lens, rows, mirror):
+    want = mirror.clone()
+    for table, n, row in zip(tables, lens.tolist(), rows.tolist()):
+        for t in range(n):
+            want[:, :, row, :, t] = cache[:, :, table[t // 4], :, t % 4]
+        want[:, :, row, :, n:] = 0
+    return want
+
+
+@pytest.mark.parametrize("gather", [gather_kv_rows, gather_kv_rows_ref], ids=["dispatch", "ref"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gather_fills_each_row_from_its_blocks_and_zeroes_the_rest(gather, dtype):
+    cache, tables, lens, mirror, rows = _gather_case(dtype)
+    want = _expected_rows(cache, tables, lens, rows, mirror)
+    gather(cache, tables, lens, mirror, rows)
+    assert torch.equal(mirror[:, :, [0, 2, 3]], want[:, :, [0, 2, 3]])
+    assert mirror[:, :, 1].isnan().all(), "a row no sequence fills is left alone"
+
+
+@needs_cc
+def test_native_gather_takes_every_dtype_it_can_copy():
+    for dtype in (torch.float32, torch.bfloat16):
+        cache, tables, lens, mirror, rows = _gather_case(dtype)
+        assert gather_kv_rows_native(cache, tables, lens, mirror, rows)
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    "gather", [gather_kv_rows_native, gather_kv_rows_ref], ids=["native", "ref"]
+)
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t, n, r: r.__setitem__(0, 4),  # a row past the mirror
+        lambda t, n, r: n.__setitem__(0, 17),  # longer than the mirror's capacity
+        lambda t, n, r: n.__setitem__(1, 13),  # longer than its block table
+        lambda t, n, r: t.__setitem__((0, 1), 12),  # a block past the cache
+        lambda t, n, r: t.__setitem__((1, 0), -1),
+    ],
+    ids=["row", "capacity", "table", "block", "negative-block"],
+)
+def test_gather_refuses_what_does_not_fit_before_writing_anything(gather, change):
+    cache, tables, lens, mirror, rows = _gather_case()
+    change(tables, lens, rows)
+    with pytest.raises(IndexError):
+        gather(cache, tables, lens, mirror, rows)
+    assert mirror.isnan().all()
