@@ -5,7 +5,7 @@ per layer, per step, the whole batch's KV is copied once more than it is read. T
 keeps every decoding sequence's keys and values in a row of its own (`[layers, 2, slot,
 kv_heads, position, head_dim]`), fills a row once when a sequence starts decoding (one gather
 over all layers), and from then on receives each new token's K/V beside the paged pool, so
-attention reads `mirror[:batch, :, :len]` as a strided view.
+decode attention reads each sequence's row in place.
 
 NOTE: measured on the 2-core EPYC VM (2026-11-30), one 77M-shaped decode layer at batch 32 and
 270 tokens: gather + SDPA 10.5 ms, SDPA over the mirror's view 2.2-5.4 ms.

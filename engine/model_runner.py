@@ -90,11 +90,13 @@ class ModelRunner:
         self, inputs: StepInputs, on_layer_kv: Callable[[int], None] | None
     ) -> torch.Tensor | None:
         batch = inputs.batch
+        every_token_samples = inputs.sample_idx.numel() == inputs.input_ids.numel()
         try:
             if self.graphs is not None and on_layer_kv is None and self.graphs.fits(batch):
                 hidden = self.graphs.run(inputs.input_ids, inputs.positions, batch)
+                if not every_token_samples:  # a 1-token chunk that does not end its prompt
+                    hidden = hidden.index_select(0, inputs.sample_idx)
                 return self.model.compute_logits(hidden)
-            every_token_samples = inputs.sample_idx.numel() == inputs.input_ids.numel()
             hidden = self.model(
                 inputs.input_ids,
                 inputs.positions,

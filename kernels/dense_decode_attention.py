@@ -109,6 +109,7 @@ def dense_decode_attention_ref(
     if batch and (
         int(rows.min()) < 0
         or int(rows.max()) >= num_rows
+        or rows.unique().numel() != batch
         or int(lens.min()) < 1
         or int(lens.max()) > capacity
     ):
@@ -129,15 +130,18 @@ def dense_decode_attention_ref(
 
 def _out_of_range(rows: torch.Tensor, lens: torch.Tensor, num_rows: int, capacity: int):
     return ValueError(
-        f"rows must lie in [0, {num_rows}) and lens in [1, {capacity}], got rows "
-        f"{rows.tolist()} and lens {lens.tolist()}"
+        f"rows must be distinct and lie in [0, {num_rows}), and lens in [1, {capacity}]; got "
+        f"rows {rows.tolist()} and lens {lens.tolist()}"
     )
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     """Positions ``[0, n)`` of mirror rows ``rows`` as ``[len(rows) * kv_heads, n, head_dim]``
-    float32."""
-    return x[:, :, :n].index_select(0, rows).flatten(0, 1).float()
+    float32 (a view when the rows are the mirror's first ones in order, as they mostly are)."""
+    batch = rows.numel()
+    in_order = torch.equal(rows, torch.arange(batch, device=rows.device))
+    picked = x[:batch] if in_order else x.index_select(0, rows)
+    return picked[:, :, :n].flatten(0, 1).float()
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Write new keys and values into their paged KV-cache slots."""
+"""Write new keys and values into their paged KV-cache slots, and gather sequences' cached
+KV into rows of the CPU engine's dense mirror."""
 
 from __future__ import annotations
 
@@ -199,6 +200,8 @@ def gather_kv_rows_ref(
     rows: torch.Tensor,
 ) -> None:
     layers, _, num_blocks, kv_heads, block_size, head_dim = kv_cache.shape
+    if len(set(rows.tolist())) != len(rows):
+        raise IndexError(f"rows {rows.tolist()} repeat")
     fills = []
     for table, n, row in zip(block_tables, lens.tolist(), rows.tolist()):
         blocks = table[: -(-n // block_size)].long()
@@ -235,6 +238,8 @@ def gather_kv_rows_native(
         or any(t.dtype != torch.int64 for t in (block_tables, lens, rows))
         or kv_cache.dim() != 6
         or mirror.dim() != 6
+        or kv_cache.shape[1] != 2
+        or kv_cache.shape[4] < 1
         or mirror.shape[:2] != kv_cache.shape[:2]
         or mirror.shape[3] != kv_cache.shape[3]
         or mirror.shape[5] != kv_cache.shape[5]
@@ -264,10 +269,12 @@ def gather_kv_rows_native(
         kv_cache.element_size(),
         torch.get_num_threads(),
     )
+    if failed == -2:
+        raise MemoryError("gather_kv_rows could not allocate its row check")
     if failed:
         raise IndexError(
-            f"rows {rows.tolist()} of lengths {lens.tolist()} do not fit the mirror, or their "
-            "block tables point outside the cache"
+            f"rows {rows.tolist()} of lengths {lens.tolist()} do not fit the mirror, repeat, or "
+            "have block tables that point outside the cache"
         )
     return True
 

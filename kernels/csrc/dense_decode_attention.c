@@ -22,8 +22,8 @@ extern float expf(float);
  *
  * q, out: [batch, heads, head_dim] contiguous. keys, values: mirror row r, KV head j, position
  * t at r * row_stride + j * head_stride + t * head_dim. Returns 0; -2 without touching anything
- * when a row is outside [0, num_rows) or a length outside [1, capacity]; -1 when out of memory.
- * Rows must be distinct (each work item writes its own row's head).
+ * when a row is outside [0, num_rows) or given twice (each work item writes its own row's
+ * head), or a length is outside [1, capacity]; -1 when out of memory.
  */
 int dense_decode_attention_f32(const float *restrict q, const float *restrict k, int64_t k_stride,
                                const float *restrict v, int64_t v_stride, float *restrict keys,
@@ -32,8 +32,17 @@ int dense_decode_attention_f32(const float *restrict q, const float *restrict k,
                                int64_t heads, int64_t kv_heads, int64_t head_dim,
                                int64_t num_rows, int64_t row_stride, int64_t head_stride,
                                int64_t capacity, float scale, int num_threads) {
-    for (int64_t i = 0; i < batch; i++)
-        if (rows[i] < 0 || rows[i] >= num_rows || lens[i] < 1 || lens[i] > capacity) return -2;
+    unsigned char *taken = calloc(num_rows > 0 ? num_rows : 1, 1);
+    if (taken == NULL) return -1;
+    for (int64_t i = 0; i < batch; i++) {
+        if (rows[i] < 0 || rows[i] >= num_rows || taken[rows[i]] || lens[i] < 1 ||
+            lens[i] > capacity) {
+            free(taken);
+            return -2;
+        }
+        taken[rows[i]] = 1;
+    }
+    free(taken);
     const int64_t group = heads / kv_heads;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)

@@ -112,8 +112,9 @@ def test_a_bfloat16_mirror_takes_the_torch_path_and_keeps_the_dtype():
     [
         ([0, 1], [0, 4], "lens in"),
         ([0, 1], [4, 17], "lens in"),
-        ([0, 2], [4, 4], "rows must lie in"),
-        ([-1, 1], [4, 4], "rows must lie in"),
+        ([0, 2], [4, 4], "rows must be distinct and lie in"),
+        ([-1, 1], [4, 4], "rows must be distinct and lie in"),
+        ([1, 1], [4, 4], "rows must be distinct"),
         ([0], [4, 4], "do not fit"),
     ],
 )

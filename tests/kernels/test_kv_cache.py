@@ -147,10 +147,14 @@ def test_gather_fills_each_row_from_its_blocks_and_zeroes_the_rest(gather, dtype
 
 
 @needs_cc
-def test_native_gather_takes_every_dtype_it_can_copy():
+def test_native_gather_takes_every_dtype_it_can_copy_and_declines_other_layouts():
     for dtype in (torch.float32, torch.bfloat16):
         cache, tables, lens, mirror, rows = _gather_case(dtype)
         assert gather_kv_rows_native(cache, tables, lens, mirror, rows)
+    cache, tables, lens, mirror, rows = _gather_case()
+    one_plane = cache[:, :1].contiguous(), mirror[:, :1].contiguous()  # no values plane
+    assert not gather_kv_rows_native(one_plane[0], tables, lens, one_plane[1], rows)
+    assert not gather_kv_rows_native(cache, tables, lens, mirror.transpose(0, 1), rows)
 
 
 @needs_cc
@@ -165,8 +169,9 @@ def test_native_gather_takes_every_dtype_it_can_copy():
         lambda t, n, r: n.__setitem__(1, 13),  # longer than its block table
         lambda t, n, r: t.__setitem__((0, 1), 12),  # a block past the cache
         lambda t, n, r: t.__setitem__((1, 0), -1),
+        lambda t, n, r: r.__setitem__(2, 2),  # two sequences into one row
     ],
-    ids=["row", "capacity", "table", "block", "negative-block"],
+    ids=["row", "capacity", "table", "block", "negative-block", "repeated-row"],
 )
 def test_gather_refuses_what_does_not_fit_before_writing_anything(gather, change):
     cache, tables, lens, mirror, rows = _gather_case()
