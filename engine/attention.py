@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from pdserve.engine.dense_kv import DenseView
 from pdserve.kernels import (
     decode_attention,
     dense_decode_attention,
+    fresh_prefill_attention,
     prefill_attention,
     write_kv_cache,
 )
@@ -59,7 +59,9 @@ def paged_attention(
     if not batch.has_prefill:
         return _decode(q, k, v, k_cache, v_cache, batch, scale)
     if batch.fresh_prefill_lens is not None:
-        prefill_out = _fresh_prefill(q[nd:], k[nd:], v[nd:], batch.fresh_prefill_lens, scale)
+        prefill_out = fresh_prefill_attention(
+            q[nd:], k[nd:], v[nd:], batch.fresh_prefill_lens, scale
+        )
     else:
         prefill_out = prefill_attention(
             q[nd:],
@@ -103,34 +105,3 @@ def _dense_decode(
     """Appends the decode tokens' K/V to their mirror rows and attends over the rows in place."""
     keys, values = view.mirror.layer(k_cache)
     return dense_decode_attention(q, k, v, keys, values, view.rows, view.lens, scale)
-
-
-def _fresh_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], scale: float
-) -> torch.Tensor:
-    """Causal attention of prompts with no cached prefix, over their own keys and values: one
-    SDPA call when the prompts are of one length, else one per prompt."""
-    num_heads, head_dim = q.shape[1:]
-    num_kv_heads = k.shape[1]
-
-    def heads_first(x: torch.Tensor, n: int, length: int, h: int) -> torch.Tensor:
-        return x.float().view(n, length, h, head_dim).transpose(1, 2)
-
-    def attend(start: int, n: int, length: int) -> torch.Tensor:
-        end = start + n * length
-        out = F.scaled_dot_product_attention(
-            heads_first(q[start:end], n, length, num_heads),
-            heads_first(k[start:end], n, length, num_kv_heads),
-            heads_first(v[start:end], n, length, num_kv_heads),
-            is_causal=True,
-            scale=scale,
-            enable_gqa=True,
-        )
-        return out.transpose(1, 2).reshape(n * length, num_heads, head_dim).to(q.dtype)
-
-    if len(set(lengths)) == 1:
-        return attend(0, len(lengths), lengths[0])
-    starts = [0]
-    for length in lengths[:-1]:
-        starts.append(starts[-1] + length)
-    return torch.cat([attend(start, 1, length) for start, length in zip(starts, lengths)])

@@ -59,4 +59,4 @@ def test_every_kernel_source_builds_at_once(fresh_load, tmp_path):
     native.load_all()
     built = sorted(p.name.split("-")[0] for p in (tmp_path / "native").glob("*.so"))
     sources = sorted(p.stem for p in (native._CSRC).glob("*.c"))
-    assert built == sources and len(sources) == 5
+    assert built == sources and len(sources) == 6
