@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from pdserve.kernels import native
 
-# NOTE: the kernel keeps a block's scores for every key before it (BLOCK_ROWS x group x prompt
-# length floats a thread); past this length SDPA, which streams keys, takes over.
+# NOTE: besides a packed copy of the keys and values, the kernel keeps a block's scores for every
+# key before it (up to 2 x BLOCK_ROWS x group x prompt length floats a thread); past this
+# length SDPA, which streams keys, takes over.
 _NATIVE_MAX_LEN = 8192
 
 
@@ -26,8 +27,27 @@ def fresh_prefill_attention(
     """``q`` ``[T, H, D]``, ``k`` and ``v`` ``[T, KVH, D]`` hold prompts of ``lengths`` tokens
     one after another (``sum(lengths) == T``); returns each token's causal attention over its
     own prompt, ``[T, H, D]`` in ``q``'s dtype."""
+    _check_lengths(q, k, v, lengths)
+    if not lengths:
+        return torch.empty_like(q)
     out = fresh_prefill_attention_native(q, k, v, lengths, scale)
     return fresh_prefill_attention_ref(q, k, v, lengths, scale) if out is None else out
+
+
+def _check_lengths(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...]
+) -> None:
+    if (
+        q.dim() != 3
+        or k.dim() != 3
+        or sum(lengths) != q.shape[0]
+        or k.shape[0] != q.shape[0]
+        or v.shape != k.shape
+    ):
+        raise ValueError(
+            f"prompts of {sum(lengths)} tokens do not fit q {tuple(q.shape)}, k "
+            f"{tuple(k.shape)} and v {tuple(v.shape)}"
+        )
 
 
 def fresh_prefill_attention_ref(
@@ -66,22 +86,19 @@ def fresh_prefill_attention_native(
     """The C kernel for float32 on CPU; None where it does not apply (another dtype or device,
     a head size that is not a multiple of 16, rows whose heads are not contiguous, a prompt
     longer than `_NATIVE_MAX_LEN`, or no kernel built)."""
+    _check_lengths(q, k, v, lengths)
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    if sum(lengths) != tokens or k.shape[0] != tokens or v.shape != k.shape:
-        raise ValueError(
-            f"prompts of {sum(lengths)} tokens do not fit q {tuple(q.shape)}, k "
-            f"{tuple(k.shape)} and v {tuple(v.shape)}"
-        )
     if (
-        any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, v))
+        not lengths
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, k, v))
         or head_dim % 16
         or kv_heads < 1
         or heads % kv_heads
         or k.shape[2] != head_dim
         or any(t.stride()[1:] != (head_dim, 1) for t in (q, k, v))
-        or min(lengths, default=1) < 1
-        or max(lengths, default=0) > _NATIVE_MAX_LEN
+        or min(lengths) < 1
+        or max(lengths) > _NATIVE_MAX_LEN
         or (kernel := _native_kernel()) is None
     ):
         return None

@@ -3,7 +3,8 @@
  * 16; built and loaded by kernels/native.py.
  *
  * First every KV head's keys and values are packed once: keys as tiles of 32 positions, each
- * [head_dim][32], values as [tokens][head_dim], per KV head and prompt, so the tiles below
+ * [head_dim][32], values as [tokens][head_dim] (both padded to 32 positions with zeros), per
+ * KV head and prompt, so the tiles below
  * stream contiguous memory (rows of the fused qkv projection lie kilobytes apart); then one work
  * item per (prompt, KV head, block of BLOCK_ROWS positions): the block's query vectors (every
  * query head of the KV head, so each key tile is read once for all of them) take their scores
@@ -151,9 +152,16 @@ int causal_prefill_attention_f32(const float *q, int64_t q_stride, const float *
     const int64_t tiles = first_tile[prompts], tile_size = 32 * head_dim;
     float *kp = malloc(kv_heads * tiles * tile_size * sizeof(float));
     float *vp = malloc(kv_heads * tiles * tile_size * sizeof(float));
+    if (kp == NULL || vp == NULL) {
+        free(first_block);
+        free(first_tile);
+        free(kp);
+        free(vp);
+        return -1;
+    }
     const int64_t items = first_block[prompts] * kv_heads;
-    int failed = kp == NULL || vp == NULL;
-#pragma omp parallel num_threads(num_threads) if (!failed)
+    int failed = 0; /* set by a thread that runs out of memory; the others stop taking work */
+#pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < kv_heads * tiles; pair++) {
@@ -178,10 +186,16 @@ int causal_prefill_attention_f32(const float *q, int64_t q_stride, const float *
         float **outs = malloc(nq_max * sizeof(float *));
         float *inv = malloc(nq_max * sizeof(float));
         int64_t *visible = malloc(nq_max * sizeof(int64_t));
-        if (qs == NULL || outs == NULL || inv == NULL || visible == NULL) failed = 1;
+        if (qs == NULL || outs == NULL || inv == NULL || visible == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; item++) {
-            if (failed) continue;
+            int stop;
+#pragma omp atomic read
+            stop = failed;
+            if (stop) continue;
             const int64_t kh = item % kv_heads, block = item / kv_heads;
             int64_t lo = 0, hi = prompts - 1; /* the prompt holding this block */
             while (lo < hi) {
@@ -198,6 +212,7 @@ int causal_prefill_attention_f32(const float *q, int64_t q_stride, const float *
                 s = malloc(nq_max * capacity * sizeof(float));
                 if (s == NULL) {
                     capacity = 0;
+#pragma omp atomic write
                     failed = 1;
                     continue;
                 }

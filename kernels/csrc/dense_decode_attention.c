@@ -58,6 +58,7 @@ int dense_decode_attention_f32(const float *restrict q, const float *restrict k,
                 scores = malloc(allocated * sizeof(float));
                 if (scores == NULL) {
                     allocated = 0;
+#pragma omp atomic write
                     failed = 1;
                     continue;
                 }

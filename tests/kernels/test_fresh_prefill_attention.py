@@ -81,3 +81,8 @@ def test_lengths_that_do_not_add_up_to_the_tokens_are_refused(attend):
         attend(q, k, v, (5, 10), 0.1)
     with pytest.raises(ValueError, match="do not fit"):
         attend(q, k[:13], v[:13], (5, 9), 0.1)
+
+
+def test_an_empty_batch_gives_an_empty_result():
+    q, k, v = _fused_qkv((), 4, 2, 64)
+    assert fresh_prefill_attention(q, k, v, (), 0.1).shape == (0, 4, 64)
