@@ -20,7 +20,7 @@ def _fused_qkv(lengths, heads, kv_heads, head_dim, dtype=torch.float32):
     gen = torch.Generator().manual_seed(tokens * heads + head_dim)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    return (x.view(tokens, -1, head_dim) for x in (q, k, v))
+    return (x.view(tokens, n, head_dim) for x, n in zip((q, k, v), (heads, kv_heads, kv_heads)))
 
 
 def _expected(q, k, v, lengths, scale):
