@@ -103,7 +103,7 @@ def dense_decode_attention_ref(
     scale: float,
 ) -> torch.Tensor:
     """The same in torch: the query heads of one KV head form the rows of one matmul, so each
-    KV head's keys and values are read once (as a gathered copy of the batch's rows)."""
+    KV head's keys and values are read once."""
     batch, heads, head_dim = q.shape
     num_rows, kv_heads, capacity, _ = keys.shape
     if batch and (
@@ -128,7 +128,9 @@ def dense_decode_attention_ref(
     return out.view(batch, heads, head_dim).to(q.dtype)
 
 
-def _out_of_range(rows: torch.Tensor, lens: torch.Tensor, num_rows: int, capacity: int):
+def _out_of_range(
+    rows: torch.Tensor, lens: torch.Tensor, num_rows: int, capacity: int
+) -> ValueError:
     return ValueError(
         f"rows must be distinct and lie in [0, {num_rows}), and lens in [1, {capacity}]; got "
         f"rows {rows.tolist()} and lens {lens.tolist()}"
